@@ -1,0 +1,21 @@
+"""shardimpl: Keras/PyTorch variables created already sharded across ranks.
+
+Each rank creates, holds and ever allocates only its own shard of a sharded
+variable; `all_gather_variable` rebuilds a full tensor only where one is
+really needed (saving, export).
+"""
+
+from shardimpl.create import distribute_variable
+from shardimpl.gather import all_gather_variable
+from shardimpl.layout import TorchLayout, local_shard_bounds, resolve_layout, to_torch_mesh
+
+__all__ = [
+    "distribute_variable",
+    "all_gather_variable",
+    "TorchLayout",
+    "resolve_layout",
+    "to_torch_mesh",
+    "local_shard_bounds",
+]
+
+__version__ = "0.1.0"

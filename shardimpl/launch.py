@@ -1,0 +1,267 @@
+"""The rank launcher: run a function on N ranks and get one result row per rank, never a hang.
+
+``run(fn, nprocs, *args)`` starts ``nprocs`` processes (gloo on CPU; NCCL with
+one rank per GPU when there are enough GPUs; gloo with ranks sharing GPUs when
+there are not), joins them in one process group through a fresh ``file://``
+rendezvous, calls ``fn(*args)`` on each and returns their rows in rank order.
+
+A rank that raises becomes ``status="error"``, one that runs out of memory
+``"oom"``, one still running at the deadline ``"timeout"``; after the first
+failure the others get a short grace period to finish and are then stopped,
+so the call returns within ``timeout`` plus a few seconds. Inside torchrun
+(``TORCHELASTIC_RUN_ID`` set) nothing is spawned: this process is one rank,
+``fn`` runs here and every rank gets all rows.
+
+Ranks fork from a forkserver that has imported torch once, so a rank starts
+in well under a second after the first.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue as queue_mod
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+__all__ = ["run", "RankResult", "STATUSES"]
+
+STATUSES = ("ok", "oom", "error", "timeout")
+_CHILD_FLAG = "SHARDIMPL_LAUNCHED_RANK"
+_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """One rank's outcome: status is one of "ok", "oom", "error", "timeout"."""
+
+    rank: int
+    status: str
+    value: Any = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _backend_for(device: str, nprocs: int) -> str:
+    if device == "cpu":
+        return "gloo"
+    if device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda'. Received: device={device!r}.")
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ValueError("device='cuda' but this machine has no CUDA device. Use device='cpu'.")
+    return "nccl" if count >= nprocs else "gloo"
+
+
+def _describe(exc: BaseException) -> str:
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    text = "".join(lines)
+    return text[-4000:]
+
+
+def _call(fn, args, device, budget_bytes) -> RankResult:
+    import torch.distributed as dist
+
+    from shardimpl.memory import budget, is_oom
+
+    rank = dist.get_rank()
+    try:
+        if budget_bytes:
+            with budget(budget_bytes, device=_local_device(device)):
+                value = fn(*args)
+        else:
+            value = fn(*args)
+        return RankResult(rank, "ok", value)
+    except BaseException as exc:  # a rank's failure is a result, whatever it is
+        return RankResult(rank, "oom" if is_oom(exc) else "error", None, _describe(exc))
+
+
+def _local_device(device: str):
+    if device != "cuda":
+        return "cpu"
+    import torch
+
+    return f"cuda:{torch.cuda.current_device()}"
+
+
+def _rank_main(fn, args, rank, world, init_file, backend, device, budget_bytes, timeout, out_q):
+    os.environ.update(
+        {_CHILD_FLAG: "1", "RANK": str(rank), "WORLD_SIZE": str(world),
+         "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+    )
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    try:
+        dist.init_process_group(
+            backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+            timeout=timedelta(seconds=max(timeout, 1.0)),
+        )
+        row = _call(fn, args, device, budget_bytes)
+    except BaseException as exc:
+        row = RankResult(rank, "error", None, _describe(exc))
+    try:
+        payload = pickle.dumps(row)
+    except Exception as exc:
+        payload = pickle.dumps(RankResult(rank, "error", None, f"result is not picklable: {exc!r}"))
+    out_q.put(payload)
+    out_q.close()
+    out_q.join_thread()
+    if row.status == "ok":
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+    os._exit(0)
+
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+        ctx = mp.get_context("forkserver")
+        preload = ["torch", "torch.distributed", "shardimpl"]
+        if os.environ.get("KERAS_BACKEND") == "torch":
+            preload.append("keras")
+        ctx.set_forkserver_preload(preload)
+        _CTX = ctx
+    return _CTX
+
+
+def _stop(proc) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(1.0)
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(1.0)
+
+
+def _in_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and _CHILD_FLAG not in os.environ
+
+
+def _run_in_torchrun(fn, nprocs, args, device, budget_bytes, timeout) -> list[RankResult]:
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    if nprocs != world:
+        raise ValueError(
+            f"run(nprocs={nprocs}) inside torchrun with WORLD_SIZE={world}: under torchrun "
+            "the ranks are torchrun's. Pass nprocs=WORLD_SIZE or launch with "
+            f"--nproc-per-node={nprocs}."
+        )
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=max(timeout, 1.0)))
+    row = _call(fn, args, device, budget_bytes)
+    rows = [None] * world
+    dist.all_gather_object(rows, row)
+    return rows
+
+
+def run(
+    fn: Callable,
+    nprocs: int,
+    *args,
+    device: str = "cpu",
+    timeout: float = 300.0,
+    budget_bytes: int | None = None,
+) -> list[RankResult]:
+    """Run ``fn(*args)`` on ``nprocs`` ranks and return one `RankResult` per rank, in rank order.
+
+    ``fn`` must be importable (a module-level function) and its return value
+    picklable. ``budget_bytes`` puts every rank under `shardimpl.memory.budget`
+    while ``fn`` runs. ``timeout`` (seconds) bounds the whole call: ranks still
+    running then are stopped and reported as "timeout".
+    """
+    if int(nprocs) < 1:
+        raise ValueError(f"nprocs must be >= 1. Received: nprocs={nprocs}.")
+    nprocs = int(nprocs)
+    backend = _backend_for(device, nprocs)
+    if _in_torchrun():
+        return _run_in_torchrun(fn, nprocs, args, device, budget_bytes, timeout)
+    ctx = _context()
+    workdir = tempfile.mkdtemp(prefix="shardimpl-rdzv-")
+    out_q = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, args, r, nprocs, os.path.join(workdir, "store"), backend, device,
+                  budget_bytes, timeout, out_q),
+            daemon=True,
+        )
+        for r in range(nprocs)
+    ]
+    start = time.monotonic()
+    try:
+        for p in procs:
+            p.start()
+        rows = _collect(procs, out_q, start + timeout)
+    finally:
+        for p in procs:
+            _stop(p)
+        out_q.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return [rows[r] for r in range(nprocs)]
+
+
+def _collect(procs, out_q, deadline) -> dict[int, RankResult]:
+    rows: dict[int, RankResult] = {}
+    failed_at = None
+    exited_since: dict[int, float] = {}
+    while len(rows) < len(procs):
+        now = time.monotonic()
+        limit = deadline if failed_at is None else min(deadline, failed_at + _GRACE_SECONDS)
+        if now >= limit:
+            break
+        try:
+            row = pickle.loads(out_q.get(timeout=0.05))
+            rows[row.rank] = row
+            if row.status != "ok" and failed_at is None:
+                failed_at = time.monotonic()
+            continue
+        except queue_mod.Empty:
+            pass
+        for r, p in enumerate(procs):
+            if r in rows or p.is_alive():
+                continue
+            # Give a row in flight a moment to arrive before calling the rank dead.
+            first = exited_since.setdefault(r, now)
+            if now - first > 1.0:
+                rows[r] = RankResult(r, "error", None, f"rank {r} died with exit code {p.exitcode} "
+                                     "before reporting (killed by a signal or os._exit)")
+                failed_at = failed_at or now
+    timed_out = time.monotonic() >= deadline
+    first_failure = next((rows[r] for r in sorted(rows) if rows[r].status != "ok"), None)
+    for r in range(len(procs)):
+        if r in rows:
+            continue
+        if timed_out or first_failure is None:
+            rows[r] = RankResult(r, "timeout", None, "still running at the deadline; stopped")
+        else:
+            rows[r] = RankResult(
+                r, "error", None,
+                f"stopped {_GRACE_SECONDS:.0f} s after rank {first_failure.rank} "
+                f"failed ({first_failure.status})",
+            )
+    return rows
