@@ -3,7 +3,15 @@
 Each rank creates, holds and ever allocates only its own shard of a sharded
 variable; `all_gather_variable` rebuilds a full tensor only where one is
 really needed (saving, export).
+
+Importing shardimpl selects Keras' torch backend (``KERAS_BACKEND=torch``)
+unless a backend was already chosen: it is the torch backend's distribution
+library.
 """
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 from shardimpl.create import distribute_variable
 from shardimpl.gather import all_gather_variable

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from shardimpl.initializers import fill_local_shard, spec_from_initializer
 from shardimpl.layout import (
@@ -183,8 +183,7 @@ def distribute_variable(value, layout, *, shape=None, dtype=None, name=None) -> 
             local = full[_slices(offsets, sizes)].to(device=device, copy=True).contiguous()
             del full
             path = "fallback"
-    sharded = any(s != f for s, f in zip(sizes, full_shape))
-    if not sharded and path == "shard-local":
+    if path == "shard-local" and not any(isinstance(p, Shard) for p in tl.placements):
         path = "replicated"
     itemsize = torch.empty((), dtype=tdtype).element_size()
     if logger.isEnabledFor(logging.DEBUG):

@@ -1,0 +1,166 @@
+"""The instrument: the CPU peak meter, per-rank budgets, and a launcher that never hangs."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+import torch
+
+import _launch_world
+from shardimpl import launch
+from shardimpl.memory import PeakMeter, budget, is_oom
+
+MiB = 1 << 20
+
+
+def _within(measured, expected):
+    return abs(measured - expected) <= 0.01 * expected + 64 * 1024
+
+
+def test_meter_reads_a_freed_64_mib_tensor_as_64_mib():
+    with PeakMeter("cpu") as m:
+        x = torch.empty(64 * MiB, dtype=torch.uint8)
+        x.fill_(7)
+        del x
+    r = m.result()
+    assert _within(r.device_peak_bytes, 64 * MiB), r
+    assert r.live_bytes_end == 0
+
+
+def test_meter_counts_outputs_not_views_or_inplace_results():
+    base = torch.zeros(4 * MiB, dtype=torch.uint8)
+    with PeakMeter("cpu") as m:
+        view = base.view(torch.int32)[: MiB // 2]
+        base.add_(1)
+        base.reshape(-1)
+        copy = base.clone()  # the only allocation
+    assert _within(m.result().device_peak_bytes, 4 * MiB)
+    del view, copy
+
+
+def test_meter_nested_and_back_to_back_blocks():
+    with PeakMeter("cpu") as outer:
+        a = torch.empty(16 * MiB, dtype=torch.uint8)
+        with PeakMeter("cpu") as inner:
+            b = torch.empty(8 * MiB, dtype=torch.uint8)
+            del b
+        del a
+        with PeakMeter("cpu") as second:
+            c = torch.empty(32 * MiB, dtype=torch.uint8)
+        del c
+    assert _within(inner.result().device_peak_bytes, 8 * MiB)
+    assert _within(second.result().device_peak_bytes, 32 * MiB)
+    assert second.result().live_bytes_end == 32 * MiB  # c was still alive when the block ended
+    # outer: a (16) + b (8) at once, later c (32) alone: the peak is 32.
+    assert _within(outer.result().device_peak_bytes, 32 * MiB)
+    assert outer.result().live_bytes_end == 0
+
+
+def test_meter_with_no_allocation_reads_zero():
+    x = torch.ones(1000)
+    with PeakMeter("cpu") as m:
+        x.mul_(2)
+        _ = x.sum().item()  # a 4-byte scalar is the only output
+    assert m.result().device_peak_bytes <= 64
+
+
+def test_meter_sees_dtensor_local_storage():
+    from torch.distributed.tensor import DTensor
+
+    import shardimpl
+    from keras.distribution import DeviceMesh, TensorLayout
+
+    layout = TensorLayout((None, "model"), DeviceMesh((1,), ["model"], ["cpu:0"]))
+    with PeakMeter("cpu") as m:
+        v = shardimpl.distribute_variable(torch.zeros(0), TensorLayout(("model",), layout.device_mesh))
+        w = shardimpl.distribute_variable("zeros", layout, shape=(1024, 1024), dtype="float32")
+    assert isinstance(w, DTensor)
+    assert _within(m.result().device_peak_bytes, 4 * MiB)
+
+
+def test_meter_result_before_exit_is_an_error():
+    m = PeakMeter("cpu")
+    with pytest.raises(RuntimeError, match="after the `with` block"):
+        m.result()
+
+
+def test_budget_refuses_twice_its_size_and_is_recognised_as_oom():
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    with pytest.raises(Exception) as info:
+        with budget(64 * MiB):
+            torch.empty(128 * MiB, dtype=torch.uint8).fill_(1)
+    assert is_oom(info.value), info.value
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before
+
+
+def test_budget_allows_what_fits_and_restores_the_limit():
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    with budget(96 * MiB):
+        assert resource.getrlimit(resource.RLIMIT_DATA)[0] != before[0]
+        x = torch.empty(48 * MiB, dtype=torch.uint8)
+        x.fill_(1)
+        del x
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before
+
+
+def test_is_oom_tells_oom_from_other_errors():
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_oom(MemoryError())
+    wrapped = RuntimeError("layer build failed")
+    wrapped.__cause__ = MemoryError()
+    assert is_oom(wrapped)
+    assert not is_oom(ValueError("shape mismatch"))
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        with budget(0):
+            pass
+
+
+# --- the launcher -----------------------------------------------------------------------
+
+
+def test_launcher_all_ranks_ok_in_rank_order():
+    rows = launch.run(_launch_world.rank_and_world, 3, "t", timeout=60)
+    assert [r.rank for r in rows] == [0, 1, 2]
+    assert [r.status for r in rows] == ["ok"] * 3
+    assert [r.value for r in rows] == [("t", 0, 3), ("t", 1, 3), ("t", 2, 3)]
+
+
+def test_launcher_reports_a_raising_rank_and_stops_the_waiting_ones():
+    start = time.monotonic()
+    rows = launch.run(_launch_world.rank_one_raises, 3, timeout=60)
+    assert time.monotonic() - start < 30
+    assert rows[1].status == "error" and "rank one refuses" in rows[1].error
+    assert all(r.status == "error" for r in rows)  # the others fail in the barrier or are stopped
+
+
+def test_launcher_reports_oom_under_a_budget():
+    rows = launch.run(_launch_world.rank_one_overallocates, 2, 256 * MiB, timeout=60, budget_bytes=128 * MiB)
+    assert rows[0].status == "ok" and rows[0].value == "fine"
+    assert rows[1].status == "oom", rows[1]
+    assert "can't allocate memory" in rows[1].error
+
+
+def test_launcher_times_out_a_sleeping_rank_and_returns_promptly():
+    timeout = 4.0
+    start = time.monotonic()
+    rows = launch.run(_launch_world.rank_zero_sleeps, 2, 120, timeout=timeout)
+    elapsed = time.monotonic() - start
+    assert rows[0].status == "timeout"
+    assert rows[1].status == "ok" and rows[1].value == "awake"
+    assert elapsed <= timeout + 15
+
+
+def test_launcher_reports_a_rank_that_dies_without_a_word():
+    rows = launch.run(_launch_world.rank_dies_hard, 2, timeout=60)
+    assert rows[1].status == "error" and "exit code 3" in rows[1].error
+    assert rows[0].status == "error"
+
+
+def test_launcher_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="nprocs must be >= 1"):
+        launch.run(_launch_world.rank_and_world, 0, "t")
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        launch.run(_launch_world.rank_and_world, 1, "t", device="tpu")
