@@ -1,0 +1,133 @@
+"""Keras' backend `distribution_lib` vocabulary for the torch backend.
+
+Keras' distribution API (`keras.distribution.list_devices`, `initialize`,
+`DeviceMesh.backend_mesh`, `TensorLayout.backend_layout`, `distribute_tensor`)
+calls a backend module with these names; keras 3.15's torch backend has none.
+`shardimpl.install()` puts this module in its place. Devices are named
+``"cpu:R"`` / ``"gpu:R"`` with R the global rank: one device per process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from shardimpl.create import distribute_variable as _distribute_variable
+from shardimpl.layout import TorchLayout, local_device, resolve_layout, to_torch_mesh
+
+__all__ = [
+    "list_devices", "get_device_count", "initialize", "num_processes", "process_id",
+    "distribute_tensor", "distribute_variable", "distribute_data_input",
+    "_to_backend_mesh", "_to_backend_layout",
+]
+
+
+def _default_type(device_type):
+    if device_type:
+        kind = device_type.lower()
+        if kind not in ("cpu", "gpu", "cuda"):
+            raise ValueError(
+                f"device_type must be 'cpu' or 'gpu' on the torch backend. Received: {device_type!r}."
+            )
+        return "gpu" if kind in ("gpu", "cuda") else "cpu"
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def list_devices(device_type=None):
+    """One device per process of the world: ``["cpu:0", ..., "cpu:N-1"]`` (or ``gpu:R``)."""
+    kind = _default_type(device_type)
+    return [f"{kind}:{r}" for r in range(num_processes())]
+
+
+def get_device_count(device_type=None):
+    return len(list_devices(device_type))
+
+
+def initialize(job_addresses=None, num_processes=None, process_id=None):
+    """Join (or create) the torch.distributed world.
+
+    Under torchrun the environment already says everything. Otherwise
+    ``job_addresses`` is "host:port" of rank 0 (only the first address is
+    used), with ``num_processes`` and ``process_id``. Backend: NCCL when CUDA
+    is available, else gloo. Collective: the rendezvous.
+    """
+    if dist.is_initialized():
+        return
+    env = os.environ
+    if job_addresses:
+        host, _, port = job_addresses.split(",")[0].partition(":")
+        env.setdefault("MASTER_ADDR", host)
+        env.setdefault("MASTER_PORT", port or "29500")
+    if num_processes is not None:
+        env["WORLD_SIZE"] = str(num_processes)
+    if process_id is not None:
+        env["RANK"] = str(process_id)
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK") if k not in env]
+    if missing:
+        raise ValueError(
+            "keras.distribution.initialize() on torch needs the rank-0 address, the number "
+            f"of processes and this process's id. Missing: {missing}. Launch with torchrun, "
+            "or pass job_addresses='host:port', num_processes=N, process_id=R."
+        )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", env["RANK"])) % torch.cuda.device_count())
+    dist.init_process_group(backend)
+
+
+def num_processes():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def process_id():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _to_backend_mesh(device_mesh):
+    return to_torch_mesh(device_mesh)
+
+
+def _to_backend_layout(tensor_layout):
+    if tensor_layout.device_mesh is None:
+        raise ValueError(
+            "Cannot create a backend layout for a TensorLayout without a device_mesh. "
+            f"Received: {tensor_layout}. Set TensorLayout(axes, device_mesh)."
+        )
+    mesh = to_torch_mesh(tensor_layout.device_mesh)
+    from shardimpl.layout import _axes_to_placements
+
+    placements = _axes_to_placements(
+        tensor_layout.axes, list(tensor_layout.device_mesh.axis_names), len(tensor_layout.axes),
+        f"layout {tensor_layout}",
+    )
+    return TorchLayout(mesh, placements)
+
+
+def distribute_variable(value, layout):
+    """Keras' signature: a sharded DTensor of ``value`` (tensor, array or initializer) laid out as ``layout``."""
+    return _distribute_variable(value, layout)
+
+
+def distribute_tensor(tensor, layout):
+    """Lay a (replicated, same-on-every-rank) tensor out as ``layout``: keep this rank's slice.
+
+    A DTensor is redistributed instead (collectives as DTensor decides).
+    """
+    if isinstance(tensor, DTensor):
+        tl = resolve_layout(layout, tuple(tensor.shape))
+        return tensor.redistribute(tl.mesh, tl.placements)
+    return _distribute_variable(tensor, layout)
+
+
+def distribute_data_input(per_process_batch, layout, batch_dim_name):
+    """This process's batch as a DTensor: sharded along ``batch_dim_name``, replicated elsewhere.
+
+    With a model-only mesh every rank holds the same full batch: the result is
+    replicated. With a batch axis each process already holds its slice.
+    """
+    tl = resolve_layout(layout, tuple(per_process_batch.shape))
+    local = torch.as_tensor(per_process_batch).to(local_device(tl.mesh))
+    return DTensor.from_local(local, tl.mesh, tl.placements, run_check=False)

@@ -1,0 +1,155 @@
+"""The Keras hook: make `keras.distribution` drive shardimpl's creation path on torch.
+
+`install()` does two things, both undone by `uninstall()`:
+
+* gives Keras' distribution API a torch backend (`shardimpl.keras_backend`),
+  so `list_devices`, `initialize`, `DeviceMesh`, `LayoutMap`, `ModelParallel`
+  and `distribute_tensor` work;
+* routes the torch backend's variable creation through
+  `shardimpl.distribute_variable` whenever a distribution is set: the variable's
+  layout comes from `distribution.get_variable_layout(variable)` (the
+  LayoutMap, or replicated when unmatched) and its value is a DTensor holding
+  only this rank's shard. With no distribution set Keras is untouched.
+
+Supported: keras 3.15.x and keras-nightly 3.16.dev; other versions are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["install", "uninstall", "installed", "is_installed", "SUPPORTED_KERAS"]
+
+SUPPORTED_KERAS = ("3.15.", "3.16.")
+_saved: dict = {}
+
+
+def _check_version():
+    import keras
+
+    version = keras.__version__
+    if not version.startswith(SUPPORTED_KERAS):
+        raise RuntimeError(
+            f"shardimpl supports keras 3.15.x and keras-nightly 3.16.dev; found keras {version}. "
+            "Install keras==3.15.* or keras-nightly, or pin shardimpl to a release that supports it."
+        )
+    if keras.backend.backend() != "torch":
+        raise RuntimeError(
+            f"shardimpl hooks Keras' torch backend, but Keras runs on {keras.backend.backend()!r}. "
+            "Set KERAS_BACKEND=torch before importing keras."
+        )
+
+
+def _sharded_layout(variable):
+    from keras.src.distribution import distribution_lib
+
+    distribution = distribution_lib.distribution()
+    if distribution is None:
+        return None
+    return distribution.get_variable_layout(variable)
+
+
+def _sharded_parameter(value, trainable: bool) -> torch.nn.Parameter:
+    """Wrap a DTensor as a Parameter whose gradient keeps the parameter's own layout.
+
+    DTensor's backward may return a gradient as Partial(sum) or on another
+    dim; reducing it to the parameter's placements right away keeps grads (and
+    the optimizer slots built from them) sharded like the variable.
+    """
+    param = torch.nn.Parameter(value, requires_grad=trainable)
+    if trainable:
+        mesh, placements = value.device_mesh, value.placements
+
+        def _to_param_layout(grad):
+            if getattr(grad, "placements", placements) != placements:
+                return grad.redistribute(mesh, placements)
+            return grad
+
+        param.register_hook(_to_param_layout)
+    return param
+
+
+def _make_initialize_with_initializer(original):
+    def _initialize_with_initializer(self, initializer):
+        layout = _sharded_layout(self)
+        if layout is None:
+            return original(self, initializer)
+        from shardimpl.create import distribute_variable
+
+        value = distribute_variable(initializer, layout, shape=self._shape, dtype=self._dtype, name=self.path)
+        self._value = _sharded_parameter(value, self.trainable)
+
+    return _initialize_with_initializer
+
+
+def _make_initialize(original):
+    def _initialize(self, value):
+        layout = None if isinstance(value, torch.nn.Parameter) else _sharded_layout(self)
+        if layout is None:
+            return original(self, value)
+        from shardimpl.create import distribute_variable
+
+        if not isinstance(value, torch.Tensor):
+            import numpy as np
+
+            value = np.asarray(value)
+        sharded = distribute_variable(value, layout, dtype=self._dtype, name=self.path)
+        self._value = _sharded_parameter(sharded, self.trainable)
+
+    return _initialize
+
+
+def install() -> None:
+    """Route Keras' torch backend through shardimpl (idempotent)."""
+    if _saved:
+        return
+    _check_version()
+    from keras.src import backend as keras_backend_pkg
+    from keras.src.backend.torch import core
+    from keras.src.distribution import distribution_lib as keras_dist
+
+    from shardimpl import keras_backend
+
+    _saved["dist_lib"] = keras_dist.distribution_lib
+    _saved["backend_dist_lib"] = getattr(keras_backend_pkg, "distribution_lib", None)
+    _saved["init_with_initializer"] = core.Variable._initialize_with_initializer
+    _saved["initialize"] = core.Variable._initialize
+    keras_dist.distribution_lib = keras_backend
+    keras_backend_pkg.distribution_lib = keras_backend
+    core.Variable._initialize_with_initializer = _make_initialize_with_initializer(
+        _saved["init_with_initializer"]
+    )
+    core.Variable._initialize = _make_initialize(_saved["initialize"])
+
+
+def uninstall() -> None:
+    """Restore stock Keras (idempotent)."""
+    if not _saved:
+        return
+    from keras.src import backend as keras_backend_pkg
+    from keras.src.backend.torch import core
+    from keras.src.distribution import distribution_lib as keras_dist
+
+    keras_dist.distribution_lib = _saved["dist_lib"]
+    keras_backend_pkg.distribution_lib = _saved["backend_dist_lib"]
+    core.Variable._initialize_with_initializer = _saved["init_with_initializer"]
+    core.Variable._initialize = _saved["initialize"]
+    _saved.clear()
+
+
+def is_installed() -> bool:
+    return bool(_saved)
+
+
+@contextlib.contextmanager
+def installed():
+    """``with shardimpl.installed(): ...``: the hook for one block (tests)."""
+    was = is_installed()
+    install()
+    try:
+        yield
+    finally:
+        if not was:
+            uninstall()
