@@ -15,11 +15,15 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 from shardimpl.create import distribute_variable
 from shardimpl.gather import all_gather_variable
+from shardimpl.keras_hook import install, installed, uninstall
 from shardimpl.layout import TorchLayout, local_shard_bounds, resolve_layout, to_torch_mesh
 
 __all__ = [
     "distribute_variable",
     "all_gather_variable",
+    "install",
+    "uninstall",
+    "installed",
     "TorchLayout",
     "resolve_layout",
     "to_torch_mesh",

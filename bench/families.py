@@ -1,0 +1,96 @@
+"""Model families with a size knob, built from Keras layers, each with a LayoutMap.
+
+* ``mlp``: a stack of ``DEPTH`` Dense(width) layers on width-wide inputs;
+  every kernel is the same size, none dominates the others.
+* ``transformer``: a token embedding (vocab x d, its largest variable) and
+  ``BLOCKS`` pre-norm blocks of MultiHeadAttention and a 4x MLP.
+
+`param_bytes` is exact (counted from the built model's shapes); the knob only
+picks the dimensions. The LayoutMaps shard every large variable over the
+"model" axis and leave norms replicated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+__all__ = ["FAMILIES", "build_model", "layout_map", "dims_for", "sample_batch"]
+
+FAMILIES = ("mlp", "transformer")
+DEPTH = 4
+BLOCKS = 2
+HEADS = 4
+SEQ = 16
+BATCH = 8
+
+
+def dims_for(family: str, param_bytes: int, itemsize: int = 4) -> dict:
+    """Dimensions that give about ``param_bytes`` of parameters."""
+    elems = param_bytes / itemsize
+    if family == "mlp":
+        width = max(8, int(round(math.sqrt(elems / DEPTH))))
+        return {"width": width}
+    if family == "transformer":
+        # embedding 16 d^2 + per block (4 d^2 attention + 8 d^2 MLP) => 40 d^2 for 2 blocks.
+        d = max(HEADS * 4, int(round(math.sqrt(elems / (16 + 12 * BLOCKS)) / HEADS)) * HEADS)
+        return {"d_model": d, "vocab": 16 * d}
+    raise ValueError(f"Unknown model family {family!r}. Choose one of {FAMILIES}.")
+
+
+def build_model(family: str, param_bytes: int):
+    """An unbuilt Keras model of ``family``; ``model.build`` happens in `build`."""
+    import keras
+
+    dims = dims_for(family, param_bytes)
+    if family == "mlp":
+        width = dims["width"]
+        inputs = keras.Input((width,), batch_size=BATCH)
+        x = inputs
+        for i in range(DEPTH):
+            x = keras.layers.Dense(width, activation="relu" if i < DEPTH - 1 else None, name=f"dense_{i}")(x)
+        return keras.Model(inputs, x, name="mlp")
+    d, vocab = dims["d_model"], dims["vocab"]
+    tokens = keras.Input((SEQ,), batch_size=BATCH, dtype="int32")
+    x = keras.layers.Embedding(vocab, d, name="token_embedding")(tokens)
+    for b in range(BLOCKS):
+        h = keras.layers.LayerNormalization(name=f"block{b}_ln1")(x)
+        h = keras.layers.MultiHeadAttention(HEADS, d // HEADS, name=f"block{b}_attn")(h, h)
+        x = x + h
+        h = keras.layers.LayerNormalization(name=f"block{b}_ln2")(x)
+        h = keras.layers.Dense(4 * d, activation="gelu", name=f"block{b}_mlp_up")(h)
+        h = keras.layers.Dense(d, name=f"block{b}_mlp_down")(h)
+        x = x + h
+    return keras.Model(tokens, x, name="transformer")
+
+
+def layout_map(family: str, mesh):
+    """A LayoutMap that shards every large variable of ``family`` over the "model" axis."""
+    import keras
+
+    lm = keras.distribution.LayoutMap(mesh)
+    if family == "mlp":
+        lm[r".*dense_\d+/kernel"] = (None, "model")
+        lm[r".*dense_\d+/bias"] = ("model",)
+        return lm
+    lm[r".*token_embedding/embeddings"] = (None, "model")
+    lm[r".*attn/(query|key|value)/kernel"] = (None, "model", None)
+    lm[r".*attn/(query|key|value)/bias"] = ("model", None)
+    lm[r".*attn/attention_output/kernel"] = ("model", None, None)
+    lm[r".*mlp_up/kernel"] = (None, "model")
+    lm[r".*mlp_up/bias"] = ("model",)
+    lm[r".*mlp_down/kernel"] = ("model", None)
+    return lm
+
+
+def sample_batch(family: str, param_bytes: int, seed: int = 0):
+    """A fixed input batch for a train step (the same on every rank)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dims = dims_for(family, param_bytes)
+    if family == "mlp":
+        return torch.randn(BATCH, dims["width"], generator=g)
+    return torch.randint(0, dims["vocab"], (BATCH, SEQ), generator=g, dtype=torch.int32)

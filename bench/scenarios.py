@@ -1,0 +1,178 @@
+"""Benchmark scenarios: (family, size, N, mode), each measured on N launched ranks.
+
+Modes:
+* ``unsharded``: stock Keras, no distribution: every rank builds the whole model.
+* ``sharded``: `shardimpl.install()` + `ModelParallel` with the family's LayoutMap.
+
+Each rank measures, with `PeakMeter`, the peak of live bytes while building
+the model (under the per-rank budget when one is given: an allocator error
+there is recorded as ``oom``), then one train step (forward, backward,
+SGD-with-momentum update), then for sharded models the time to gather every
+variable to rank 0's host memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from dataclasses import asdict, dataclass
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+__all__ = ["Scenario", "MODES", "measure_rank", "run_scenario", "rows_for"]
+
+MODES = ("unsharded", "sharded")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    family: str
+    param_bytes: int  # the size knob (target); rows carry the exact built size
+    ranks: int
+    mode: str
+    device: str = "cpu"
+    budget_bytes: int | None = None
+    step: bool = True
+
+
+def _model_mesh(device: str):
+    import keras
+
+    devices = keras.distribution.list_devices("gpu" if device == "cuda" else "cpu")
+    return keras.distribution.DeviceMesh((len(devices),), ["model"], devices)
+
+
+def _distribution(scenario: Scenario):
+    import keras
+
+    import shardimpl
+    from bench.families import layout_map
+
+    if scenario.mode == "unsharded":
+        return None  # stock Keras: no hook, no distribution
+    shardimpl.install()
+    mesh = _model_mesh(scenario.device)
+    dist_ = keras.distribution.ModelParallel(layout_map=layout_map(scenario.family, mesh))
+    keras.distribution.set_distribution(dist_)
+    return dist_
+
+
+def _local_bytes(model) -> tuple[int, int]:
+    """(bytes this rank holds, bytes of the full model) over all weights."""
+    local = full = 0
+    for v in model.weights:
+        t = v.value
+        itemsize = t.element_size()
+        full += t.numel() * itemsize
+        local += (t.to_local() if hasattr(t, "to_local") else t).numel() * itemsize
+    return local, full
+
+
+def _train_step(model, batch, device) -> None:
+    import torch
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = [v.value for v in model.trainable_weights]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    # DTensor has no sharding rule for the fused CPU attention kernels' backward:
+    # the math kernel decomposes attention into ops it can shard.
+    with implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
+        out = model(batch.to(device))
+        loss = (out.float() ** 2).mean()
+        loss.backward()  # backward mixes saved plain inputs with DTensor grads too
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _gather_all(model) -> float:
+    import torch.distributed as dist
+
+    import shardimpl
+
+    dist.barrier()
+    start = time.perf_counter()
+    for v in model.weights:
+        shardimpl.all_gather_variable(v.value, dst=0, name=v.path)
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def measure_rank(scenario: Scenario) -> dict:
+    """Runs on every rank: build (metered, under budget), step (metered), gather (timed)."""
+    import torch
+    import torch.distributed as dist
+
+    from bench.families import build_model, sample_batch
+    from shardimpl.memory import PeakMeter, budget, is_oom
+
+    device = "cpu" if scenario.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
+    _distribution(scenario)
+    out = {"oom": False, "error": None, "step_peak_bytes": None, "gather_seconds": None}
+    gc.collect()
+    dist.barrier()
+    start = time.perf_counter()
+    try:
+        with PeakMeter(device) as meter:
+            if scenario.budget_bytes:
+                with budget(scenario.budget_bytes, device=device):
+                    model = build_model(scenario.family, scenario.param_bytes)
+            else:
+                model = build_model(scenario.family, scenario.param_bytes)
+    except Exception as exc:  # an allocator error under the budget is the result
+        if not is_oom(exc):
+            raise
+        out.update(oom=True, build_peak_bytes=None, init_seconds=None, local_bytes=None,
+                   model_bytes=None, error=str(exc).splitlines()[0][:200])
+        return out
+    out["init_seconds"] = time.perf_counter() - start
+    out["build_peak_bytes"] = meter.result().device_peak_bytes
+    out["host_peak_rss_bytes"] = meter.result().host_peak_rss_bytes
+    out["local_bytes"], out["model_bytes"] = _local_bytes(model)
+    if scenario.step:
+        batch = sample_batch(scenario.family, scenario.param_bytes)
+        _train_step(model, batch, device)  # warm-up: optimizer slots and kernels exist after it
+        with PeakMeter(device) as meter:
+            _train_step(model, batch, device)
+        out["step_peak_bytes"] = meter.result().device_peak_bytes
+    if scenario.mode == "sharded":
+        out["gather_seconds"] = _gather_all(model)
+    return out
+
+
+def run_scenario(scenario: Scenario, *, timeout: float = 300.0):
+    """Launch ``scenario`` on its ranks; returns the launcher's rows."""
+    from shardimpl import launch
+
+    return launch.run(measure_rank, scenario.ranks, scenario, device=scenario.device, timeout=timeout)
+
+
+def rows_for(scenario: Scenario, launched) -> list[dict]:
+    """results.json rows: one per rank per phase ("build", "step")."""
+    rows = []
+    for r in launched:
+        value = r.value or {}
+        oom = r.status == "oom" or bool(value.get("oom"))
+        model_bytes = value.get("model_bytes") or None
+        param_bytes = model_bytes or scenario.param_bytes
+        base = {
+            "family": scenario.family, "param_bytes": param_bytes, "ranks": scenario.ranks,
+            "rank": r.rank, "mode": scenario.mode, "device": scenario.device,
+            "budget_bytes": scenario.budget_bytes, "status": "oom" if oom else r.status,
+            "oom": oom, "error": value.get("error") or (r.error.splitlines()[-1] if r.error else None),
+            "init_seconds": value.get("init_seconds"), "gather_seconds": value.get("gather_seconds"),
+            "local_bytes": value.get("local_bytes"),
+        }
+        rows.append({**base, "phase": "build", "peak_bytes": value.get("build_peak_bytes"),
+                     "ideal_bytes": param_bytes / scenario.ranks})
+        if scenario.step:
+            # A step allocates gradients and momentum slots: 2 x P / N at best.
+            rows.append({**base, "phase": "step", "peak_bytes": value.get("step_peak_bytes"),
+                         "ideal_bytes": 2 * param_bytes / scenario.ranks})
+    return rows
+
+
+def scenario_dict(s: Scenario) -> dict:
+    return asdict(s)
