@@ -17,7 +17,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-__all__ = ["FAMILIES", "build_model", "layout_map", "dims_for", "sample_batch"]
+__all__ = ["FAMILIES", "build_model", "layout_map", "dims_for", "sample_batch", "exact_param_bytes"]
 
 FAMILIES = ("mlp", "transformer")
 DEPTH = 4
@@ -38,6 +38,17 @@ def dims_for(family: str, param_bytes: int, itemsize: int = 4) -> dict:
         d = max(HEADS * 4, int(round(math.sqrt(elems / (16 + 12 * BLOCKS)) / HEADS)) * HEADS)
         return {"d_model": d, "vocab": 16 * d}
     raise ValueError(f"Unknown model family {family!r}. Choose one of {FAMILIES}.")
+
+
+def exact_param_bytes(family: str, param_bytes: int, itemsize: int = 4) -> int:
+    """The exact parameter bytes `build_model` creates for the knob ``param_bytes`` (no build)."""
+    dims = dims_for(family, param_bytes, itemsize)
+    if family == "mlp":
+        w = dims["width"]
+        return DEPTH * (w * w + w) * itemsize
+    d, vocab = dims["d_model"], dims["vocab"]
+    # per block: attention 4d^2 + 4d, two LayerNorms 4d, MLP 8d^2 + 5d.
+    return (vocab * d + BLOCKS * (12 * d * d + 13 * d)) * itemsize
 
 
 def build_model(family: str, param_bytes: int):

@@ -151,12 +151,13 @@ def run_scenario(scenario: Scenario, *, timeout: float = 300.0):
 
 def rows_for(scenario: Scenario, launched) -> list[dict]:
     """results.json rows: one per rank per phase ("build", "step")."""
+    from bench.families import exact_param_bytes
+
     rows = []
     for r in launched:
         value = r.value or {}
         oom = r.status == "oom" or bool(value.get("oom"))
-        model_bytes = value.get("model_bytes") or None
-        param_bytes = model_bytes or scenario.param_bytes
+        param_bytes = exact_param_bytes(scenario.family, scenario.param_bytes)
         base = {
             "family": scenario.family, "param_bytes": param_bytes, "ranks": scenario.ranks,
             "rank": r.rank, "mode": scenario.mode, "device": scenario.device,

@@ -209,6 +209,21 @@ def _vm_data() -> int:
     raise OSError("VmData not found in /proc/self/status")
 
 
+_pools_warm = False
+
+
+def _warm_thread_pools() -> None:
+    """Start torch's OpenMP/intra-op threads now: their stacks are data mappings, and
+    libgomp aborts the whole process (no exception) if it cannot create them under
+    a tight RLIMIT_DATA."""
+    global _pools_warm
+    if not _pools_warm:
+        x = torch.ones(1 << 20)
+        (x * 2).sum().item()
+        torch.mm(torch.ones(256, 256), torch.ones(256, 256))
+        _pools_warm = True
+
+
 @contextlib.contextmanager
 def budget(nbytes: int, *, device=None):
     """Give this rank a real allocation limit of ``nbytes`` more than it uses now.
@@ -233,6 +248,7 @@ def budget(nbytes: int, *, device=None):
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, index)
         return
+    _warm_thread_pools()
     old = resource.getrlimit(resource.RLIMIT_DATA)
     limit = _vm_data() + nbytes
     if old[1] != resource.RLIM_INFINITY:

@@ -1,0 +1,118 @@
+"""`python -m bench` (or `shardimpl-bench`): the scaling benchmark.
+
+Builds each model family at each size on N ranks, unsharded (stock Keras) and
+sharded (shardimpl), measures per-rank peaks, prints the table, and writes
+results.json, report.md, scaling_vs_ranks.png and scaling_vs_size.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+MiB = 1 << 20
+DEFAULT_SIZES_MIB = (16, 64, 256)
+DEFAULT_RANKS = (1, 2, 4)
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _names(text):
+    return tuple(x for x in text.split(",") if x)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", type=_names, default=("mlp", "transformer"),
+                   help="comma-separated: mlp,transformer (default: both)")
+    p.add_argument("--sizes", type=_ints, default=DEFAULT_SIZES_MIB,
+                   help="parameter sizes in MiB (default: 16,64,256)")
+    p.add_argument("--ranks", type=_ints, default=DEFAULT_RANKS, help="world sizes (default: 1,2,4)")
+    p.add_argument("--modes", type=_names, default=("unsharded", "sharded"),
+                   help="comma-separated: unsharded,sharded (default: both)")
+    p.add_argument("--budget", default="auto",
+                   help="per-rank budget in MiB for the build; 'auto' = 3/4 of the largest size "
+                        "(the unsharded largest build cannot fit, sharded N>=2 can); 'none' = no limit")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", default="bench-results", help="output folder (default: bench-results/)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per scenario before its ranks are stopped")
+    p.add_argument("--no-step", action="store_true", help="measure the build only, no train step")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def _budget_bytes(text, sizes):
+    if text == "none":
+        return None
+    if text == "auto":
+        return int(0.75 * max(sizes) * MiB)
+    return int(float(text) * MiB)
+
+
+def _validate(args):
+    from bench.families import FAMILIES
+    from bench.scenarios import MODES
+
+    for f in args.families:
+        if f not in FAMILIES:
+            raise SystemExit(f"--families: unknown family {f!r}; choose from {', '.join(FAMILIES)}")
+    for m in args.modes:
+        if m not in MODES:
+            raise SystemExit(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if not args.sizes or min(args.sizes) <= 0 or not args.ranks or min(args.ranks) < 1:
+        raise SystemExit("--sizes and --ranks need positive numbers, e.g. --sizes 16,64 --ranks 1,2,4")
+
+
+def run_main(args) -> int:
+    from bench import report
+    from bench.scenarios import Scenario, rows_for, run_scenario
+
+    _validate(args)
+    budget = _budget_bytes(args.budget, args.sizes)
+    scenarios = [
+        Scenario(fam, size * MiB, n, mode, device=args.device, budget_bytes=budget, step=not args.no_step)
+        for fam in args.families for size in args.sizes for n in args.ranks for mode in args.modes
+    ]
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    start = time.perf_counter()
+    for i, s in enumerate(scenarios, 1):
+        t0 = time.perf_counter()
+        if not args.quiet:
+            print(f"[{i}/{len(scenarios)}] {s.family} {s.param_bytes // MiB} MiB N={s.ranks} {s.mode} ...",
+                  end="", flush=True, file=sys.stderr)
+        new = rows_for(s, run_scenario(s, timeout=args.timeout))
+        rows += new
+        if not args.quiet:
+            statuses = sorted({r["status"] for r in new})
+            print(f" {'/'.join(statuses)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    meta = report.meta(device=args.device, budget_bytes=budget,
+                       extra={"wall_seconds": time.perf_counter() - start, "command": " ".join(sys.argv)})
+    plots = report.plot_scaling(rows, args.out, budget)
+    report.write_results(os.path.join(args.out, "results.json"), meta, rows)
+    report.write_report(os.path.join(args.out, "report.md"), meta, rows, plots)
+    print(report.table(rows))
+    print(f"\nwrote {args.out}/results.json, report.md, " + ", ".join(os.path.basename(p) for p in plots))
+    bad = [r for r in rows if r["status"] in ("error", "timeout")]
+    if bad:
+        print(f"{len(bad)} rank rows failed (error/timeout); see results.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    return run_main(_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

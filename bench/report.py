@@ -1,0 +1,184 @@
+"""Results as data: results.json, a Markdown report, the table on stdout, and two plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from collections import defaultdict
+
+__all__ = ["meta", "table", "write_results", "write_report", "plot_scaling"]
+
+MiB = float(1 << 20)
+
+
+def meta(*, device: str, budget_bytes, extra=None) -> dict:
+    import keras
+    import numpy
+    import psutil
+    import torch
+
+    info = {
+        "torch": torch.__version__, "keras": keras.__version__, "numpy": numpy.__version__,
+        "python": platform.python_version(), "device": device,
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total},
+        "budget_bytes": budget_bytes,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        info["machine"]["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {**info, **(extra or {})}
+
+
+def _mib(x):
+    return "-" if x is None else f"{x / MiB:.1f}"
+
+
+def _summary(rows):
+    """One line per (family, size, ranks, mode, phase): the worst rank."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["family"], r["param_bytes"], r["ranks"], r["mode"], r["phase"])].append(r)
+    out = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[4], k[3], k[2])):
+        rs = groups[key]
+        peaks = [r["peak_bytes"] for r in rs if r["peak_bytes"] is not None]
+        status = "OOM" if any(r["oom"] for r in rs) else ("ok" if all(r["status"] == "ok" for r in rs)
+                                                          else next(r["status"] for r in rs if r["status"] != "ok"))
+        peak = max(peaks) if peaks and status == "ok" else None
+        ideal = rs[0]["ideal_bytes"]
+        init = [r["init_seconds"] for r in rs if r["init_seconds"] is not None]
+        gather = [r["gather_seconds"] for r in rs if r["gather_seconds"] is not None]
+        out.append({
+            "family": key[0], "param_bytes": key[1], "ranks": key[2], "mode": key[3], "phase": key[4],
+            "peak_bytes": peak, "ideal_bytes": ideal, "ratio": None if peak is None else peak / ideal,
+            "status": status, "init_seconds": max(init) if init else None,
+            "gather_seconds": max(gather) if gather else None,
+        })
+    return out
+
+
+def table(rows) -> str:
+    """The scaling table: per-rank peak (worst rank), its ratio to the ideal, times, status."""
+    head = ("family", "params MiB", "N", "mode", "phase", "peak/rank MiB", "ideal MiB", "ratio",
+            "init s", "gather s", "status")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for s in _summary(rows):
+        lines.append(" | ".join([
+            s["family"], _mib(s["param_bytes"]), str(s["ranks"]), s["mode"], s["phase"],
+            _mib(s["peak_bytes"]), _mib(s["ideal_bytes"]),
+            "-" if s["ratio"] is None else f"{s['ratio']:.3f}",
+            "-" if s["init_seconds"] is None else f"{s['init_seconds']:.2f}",
+            "-" if s["gather_seconds"] is None else f"{s['gather_seconds']:.2f}",
+            s["status"],
+        ]))
+    return "\n".join(lines)
+
+
+def write_results(path, meta_: dict, rows) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta_, "rows": rows}, f, indent=1, default=str)
+
+
+def write_report(path, meta_: dict, rows, plots=()) -> None:
+    budget = meta_.get("budget_bytes")
+    lines = [
+        "# shardimpl scaling report", "",
+        f"torch {meta_['torch']}, keras {meta_['keras']}, device {meta_['device']}, "
+        f"{meta_['machine']['cpus']} CPUs, per-rank budget "
+        f"{'none' if not budget else _mib(budget) + ' MiB'}.", "",
+        "Per-rank peak = the worst rank's peak of live bytes (PeakMeter: CPU allocator-level "
+        "tracker, or CUDA allocator peak). Ideal = P/N for a build, 2P/N (gradients + momentum) "
+        "for a train step. OOM = the allocator refused under the budget.", "",
+        table(rows), "",
+    ]
+    for p in plots:
+        lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+_STYLE = {"sharded": ("tab:blue", "o"), "unsharded": ("tab:red", "s"),
+          "naive": ("tab:orange", "^"), "keras-native": ("tab:green", "D")}
+
+
+def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
+    """scaling_vs_ranks.png (log-log, with ideal P/N) and scaling_vs_size.png (with the budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = [s for s in _summary(rows) if s["phase"] == "build"]
+    families = sorted({s["family"] for s in summary})
+    paths = []
+
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    for ax, fam in zip(axes[0], families):
+        sizes = sorted({s["param_bytes"] for s in summary if s["family"] == fam})
+        all_ranks = sorted({s["ranks"] for s in summary if s["family"] == fam})
+        for j, size in enumerate(sizes):
+            sel = [s for s in summary if s["family"] == fam and s["param_bytes"] == size]
+            alpha = 0.4 + 0.6 * (j + 1) / len(sizes)
+            ranks = sorted({s["ranks"] for s in sel})
+            ax.plot(ranks, [size / n / MiB for n in ranks], "k--", alpha=alpha, lw=1,
+                    label="ideal P/N" if j == len(sizes) - 1 else None)
+            for mode in sorted({s["mode"] for s in sel}):
+                color, marker = _STYLE.get(mode, ("gray", "x"))
+                pts = sorted((s["ranks"], s["peak_bytes"]) for s in sel if s["mode"] == mode)
+                ok = [(n, p / MiB) for n, p in pts if p is not None]
+                if ok:
+                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha,
+                            label=f"{mode} {size / MiB:.0f} MiB")
+                oom = [n for n, p in pts if p is None]
+                if oom:
+                    ax.plot(oom, [size / MiB] * len(oom), marker="x", color=color, alpha=alpha,
+                            markersize=12, mew=3, linestyle="none",
+                            label=f"{mode} {size / MiB:.0f} MiB: OOM")
+        if budget_bytes:
+            ax.axhline(budget_bytes / MiB, color="gray", linestyle=":", label="per-rank budget")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xticks(all_ranks, [str(n) for n in all_ranks])
+        ax.set_xlabel("ranks N")
+        ax.set_ylabel("per-rank build peak (MiB)")
+        ax.set_title(f"{fam}: per-rank build peak vs N (OOM drawn at P)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "scaling_vs_ranks.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    for ax, fam in zip(axes[0], families):
+        sel = [s for s in summary if s["family"] == fam]
+        for mode in sorted({s["mode"] for s in sel}):
+            color, marker = _STYLE.get(mode, ("gray", "x"))
+            for j, n in enumerate(sorted({s["ranks"] for s in sel if s["mode"] == mode})):
+                pts = sorted((s["param_bytes"], s["peak_bytes"]) for s in sel if s["mode"] == mode and s["ranks"] == n)
+                ok = [(p / MiB, v / MiB) for p, v in pts if v is not None]
+                alpha = 1.0 - 0.25 * j
+                if ok:
+                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, label=f"{mode} N={n}")
+                oom = [p / MiB for p, v in pts if v is None]
+                if oom:
+                    ax.plot(oom, oom, marker="x", color=color, alpha=alpha, markersize=12, mew=3,
+                            linestyle="none", label=f"{mode} N={n}: OOM")
+        if budget_bytes:
+            ax.axhline(budget_bytes / MiB, color="gray", linestyle=":", label="per-rank budget")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("model parameters (MiB)")
+        ax.set_ylabel("per-rank build peak (MiB)")
+        ax.set_title(f"{fam}: per-rank peak vs model size")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "scaling_vs_size.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths
