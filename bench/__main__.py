@@ -107,8 +107,26 @@ def run_main(args) -> int:
     return 0
 
 
+def gate_main(argv) -> int:
+    """`python -m bench gate [--device cuda]`: the memory regression gate; exit 1 on a violation."""
+    from bench import gate
+
+    p = argparse.ArgumentParser(prog="python -m bench gate", description=gate.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = p.parse_args(argv)
+    violations, runs = gate.run_gate(device=args.device)
+    print(gate.report(runs))
+    for v in violations:
+        print("GATE FAILED:", v)
+    print("gate passed" if not violations else f"gate failed: {len(violations)} violation(s)")
+    return 1 if violations else 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "gate":
+        return gate_main(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     return run_main(_parser().parse_args(argv))
