@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
-__all__ = ["run", "RankResult", "STATUSES"]
+__all__ = ["run", "World", "RankResult", "STATUSES"]
 
 STATUSES = ("ok", "oom", "error", "timeout")
 _CHILD_FLAG = "SHARDIMPL_LAUNCHED_RANK"
@@ -95,7 +95,16 @@ def _local_device(device: str):
     return f"cuda:{torch.cuda.current_device()}"
 
 
-def _rank_main(fn, args, rank, world, init_file, backend, device, budget_bytes, timeout, out_q):
+def _send(out_q, row: RankResult) -> None:
+    try:
+        payload = pickle.dumps(row)
+    except Exception as exc:
+        payload = pickle.dumps(RankResult(row.rank, "error", None, f"result is not picklable: {exc!r}"))
+    out_q.put(payload)
+
+
+def _rank_main(rank, world, init_file, backend, device, timeout, in_q, out_q):
+    """A rank's life: join the world, then run each (fn, args, budget) sent until None."""
     os.environ.update(
         {_CHILD_FLAG: "1", "RANK": str(rank), "WORLD_SIZE": str(world),
          "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
@@ -110,21 +119,25 @@ def _rank_main(fn, args, rank, world, init_file, backend, device, budget_bytes, 
             backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
             timeout=timedelta(seconds=max(timeout, 1.0)),
         )
-        row = _call(fn, args, device, budget_bytes)
     except BaseException as exc:
-        row = RankResult(rank, "error", None, _describe(exc))
-    try:
-        payload = pickle.dumps(row)
-    except Exception as exc:
-        payload = pickle.dumps(RankResult(rank, "error", None, f"result is not picklable: {exc!r}"))
-    out_q.put(payload)
+        _send(out_q, RankResult(rank, "error", None, _describe(exc)))
+        in_q.get()  # report the failure at the first call, then leave
+        os._exit(0)
+    while True:
+        command = in_q.get()
+        if command is None:
+            break
+        fn, args, budget_bytes = command
+        row = _call(fn, args, device, budget_bytes)
+        _send(out_q, row)
+        if row.status != "ok":
+            break  # peers may be stuck in a collective with us: the world is done
     out_q.close()
     out_q.join_thread()
-    if row.status == "ok":
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
     os._exit(0)
 
 
@@ -179,6 +192,81 @@ def _run_in_torchrun(fn, nprocs, args, device, budget_bytes, timeout) -> list[Ra
     return rows
 
 
+class World:
+    """``nprocs`` ranks kept alive between calls: ``with World(4) as w: w.run(fn, *args)``.
+
+    Starting ranks and joining them costs seconds; a `World` pays it once, so
+    benchmarks can time ``fn`` itself. After a call in which any rank failed
+    or timed out the world is closed (its ranks may be stuck in a collective);
+    later calls raise RuntimeError.
+    """
+
+    def __init__(self, nprocs: int, *, device: str = "cpu", timeout: float = 300.0):
+        if int(nprocs) < 1:
+            raise ValueError(f"nprocs must be >= 1. Received: nprocs={nprocs}.")
+        self.nprocs = int(nprocs)
+        self.device = device
+        self.backend = _backend_for(device, self.nprocs)
+        self._timeout = timeout
+        self._procs = []
+        self.closed = False
+
+    def start(self) -> "World":
+        ctx = _context()
+        self._workdir = tempfile.mkdtemp(prefix="shardimpl-rdzv-")
+        self._out_q = ctx.Queue()
+        self._in_qs = [ctx.Queue() for _ in range(self.nprocs)]
+        self._procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(r, self.nprocs, os.path.join(self._workdir, "store"), self.backend,
+                      self.device, self._timeout, self._in_qs[r], self._out_q),
+                daemon=True,
+            )
+            for r in range(self.nprocs)
+        ]
+        for p in self._procs:
+            p.start()
+        return self
+
+    def run(self, fn: Callable, *args, timeout: float | None = None,
+            budget_bytes: int | None = None) -> list[RankResult]:
+        """Run ``fn(*args)`` on every rank; rows in rank order (see `run` for statuses)."""
+        if self.closed:
+            raise RuntimeError("this World is closed (a rank failed or timed out); start a new one.")
+        if not self._procs:
+            self.start()
+        for q in self._in_qs:
+            q.put((fn, args, budget_bytes))
+        rows = _collect(self._procs, self._out_q, time.monotonic() + (timeout or self._timeout))
+        if any(r.status != "ok" for r in rows.values()):
+            self.close()
+        return [rows[r] for r in range(self.nprocs)]
+
+    def close(self) -> None:
+        if not self._procs or self.closed:
+            self.closed = True
+            return
+        self.closed = True
+        for q in self._in_qs:
+            try:
+                q.put(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 3.0
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            _stop(p)
+        self._out_q.close()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> "World":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run(
     fn: Callable,
     nprocs: int,
@@ -191,38 +279,13 @@ def run(
 
     ``fn`` must be importable (a module-level function) and its return value
     picklable. ``budget_bytes`` puts every rank under `shardimpl.memory.budget`
-    while ``fn`` runs. ``timeout`` (seconds) bounds the whole call: ranks still
-    running then are stopped and reported as "timeout".
+    while ``fn`` runs. ``timeout`` (seconds) bounds the whole call, start-up
+    included: ranks still running then are stopped and reported as "timeout".
     """
-    if int(nprocs) < 1:
-        raise ValueError(f"nprocs must be >= 1. Received: nprocs={nprocs}.")
-    nprocs = int(nprocs)
-    backend = _backend_for(device, nprocs)
     if _in_torchrun():
-        return _run_in_torchrun(fn, nprocs, args, device, budget_bytes, timeout)
-    ctx = _context()
-    workdir = tempfile.mkdtemp(prefix="shardimpl-rdzv-")
-    out_q = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_rank_main,
-            args=(fn, args, r, nprocs, os.path.join(workdir, "store"), backend, device,
-                  budget_bytes, timeout, out_q),
-            daemon=True,
-        )
-        for r in range(nprocs)
-    ]
-    start = time.monotonic()
-    try:
-        for p in procs:
-            p.start()
-        rows = _collect(procs, out_q, start + timeout)
-    finally:
-        for p in procs:
-            _stop(p)
-        out_q.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-    return [rows[r] for r in range(nprocs)]
+        return _run_in_torchrun(fn, int(nprocs), args, device, budget_bytes, timeout)
+    with World(nprocs, device=device, timeout=timeout) as world:
+        return world.run(fn, *args, timeout=timeout, budget_bytes=budget_bytes)
 
 
 def _collect(procs, out_q, deadline) -> dict[int, RankResult]:

@@ -164,3 +164,18 @@ def test_launcher_refuses_bad_arguments():
         launch.run(_launch_world.rank_and_world, 0, "t")
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
         launch.run(_launch_world.rank_and_world, 1, "t", device="tpu")
+
+
+def test_world_keeps_ranks_between_calls_and_closes_after_a_failure():
+    with launch.World(2, timeout=60) as world:
+        first = world.run(_launch_world.rank_and_world, "a")
+        second = world.run(_launch_world.rank_and_world, "b")
+        pids = world.run(_launch_world.pid)
+        again = world.run(_launch_world.pid)
+        assert [r.value for r in first] == [("a", 0, 2), ("a", 1, 2)]
+        assert [r.value for r in second] == [("b", 0, 2), ("b", 1, 2)]
+        assert [r.value for r in pids] == [r.value for r in again]  # the same processes
+        failed = world.run(_launch_world.rank_one_raises)
+        assert failed[1].status == "error"
+        with pytest.raises(RuntimeError, match="World is closed"):
+            world.run(_launch_world.rank_and_world, "c")
