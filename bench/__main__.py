@@ -127,6 +127,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "gate":
         return gate_main(argv[1:])
+    if argv and argv[0] == "compare-memory":
+        from bench import compare
+
+        return compare.main(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     return run_main(_parser().parse_args(argv))

@@ -114,6 +114,9 @@ def _rank_main(rank, world, init_file, backend, device, timeout, in_q, out_q):
 
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Ranks share the machine's cores: N ranks x all cores each oversubscribes them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         dist.init_process_group(
             backend, init_method=f"file://{init_file}", rank=rank, world_size=world,

@@ -1,0 +1,97 @@
+"""pytest-benchmark suite: `pytest bench --benchmark-only`.
+
+Times sharded creation and the gather to rank 0 per (size, N) on a World of
+ranks kept alive across rounds (the timed call is the ranks' work plus a queue
+round trip). Each benchmark records every rank's peak bytes in
+``extra_info`` and checks the result after timing. CUDA cases skip unless
+this machine has CUDA (several ranks may share one GPU over gloo).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+from bench import ops  # noqa: E402
+from shardimpl import launch  # noqa: E402
+
+SIZES_MIB = [16, 64]
+RANKS = [1, 2, 4]
+TILE_BYTES = 1 << 20
+
+
+def _cuda_ok():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    opened = {}
+
+    def get(ranks, device):
+        key = (ranks, device)
+        if key not in opened or opened[key].closed:
+            opened[key] = launch.World(ranks, device=device, timeout=300).start()
+        return opened[key]
+
+    yield get
+    for w in opened.values():
+        w.close()
+
+
+def _device_param(device):
+    marks = []
+    if device == "cuda":
+        marks.append(pytest.mark.skipif(not _cuda_ok(), reason="needs a CUDA device"))
+    return pytest.param(device, marks=marks, id=device)
+
+
+DEVICES = [_device_param("cpu"), _device_param("cuda")]
+
+
+def _record(benchmark, rows, size_mib, ranks):
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows if r.status != "ok"]
+    benchmark.extra_info["ranks"] = ranks
+    benchmark.extra_info["param_bytes"] = size_mib << 20
+    benchmark.extra_info["ideal_bytes"] = (size_mib << 20) / ranks
+    benchmark.extra_info["per_rank_peak_bytes"] = [r.value["peak_bytes"] for r in rows]
+    benchmark.extra_info["max_peak_bytes"] = max(r.value["peak_bytes"] for r in rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("size_mib", SIZES_MIB)
+def test_distribute_sharded(benchmark, worlds, size_mib, ranks, device):
+    world = worlds(ranks, device)
+    rows = benchmark.pedantic(world.run, args=(ops.distribute_once, size_mib, device),
+                              rounds=3, warmup_rounds=1, iterations=1)
+    _record(benchmark, rows, size_mib, ranks)
+    rows_, cols = ops.variable_shape(size_mib)
+    shard = rows_ * math.ceil(cols / ranks) * 4
+    for r in rows:  # correctness after timing: one shard per rank, one tile of overhead
+        assert r.value["local_bytes"] <= shard
+        assert r.value["peak_bytes"] <= shard + TILE_BYTES + (1 << 20)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("size_mib", SIZES_MIB)
+def test_gather_to_rank0(benchmark, worlds, size_mib, ranks, device):
+    world = worlds(ranks, device)
+    world.run(ops.distribute_once, size_mib, device)
+    rows = benchmark.pedantic(world.run, args=(ops.gather_once, size_mib, device),
+                              rounds=3, warmup_rounds=1, iterations=1)
+    _record(benchmark, rows, size_mib, ranks)
+    assert all(r.value["ok"] for r in rows)
+    full = size_mib << 20
+    assert rows[0].value["peak_bytes"] >= full  # rank 0 holds the whole tensor, others don't
+    assert all(r.value["peak_bytes"] < full for r in rows[1:])

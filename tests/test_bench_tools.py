@@ -1,0 +1,68 @@
+"""The benchmark harness's pure parts: parameter counts, the memory compare, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import compare, families, report
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+@pytest.mark.parametrize("size_mib", [1, 16])
+def test_exact_param_bytes_equals_the_built_model(family, size_mib):
+    model = families.build_model(family, size_mib << 20)
+    built = sum(int(v.value.numel()) * 4 for v in model.weights)
+    assert families.exact_param_bytes(family, size_mib << 20) == built
+    assert 0.8 < built / (size_mib << 20) < 1.25
+
+
+def test_transformer_embedding_is_its_largest_variable():
+    model = families.build_model("transformer", 4 << 20)
+    largest = max(model.weights, key=lambda v: v.value.numel())
+    assert "token_embedding" in largest.path
+
+
+def test_layout_maps_shard_every_large_variable():
+    import keras
+
+    mesh = keras.distribution.DeviceMesh((1,), ["model"], ["cpu:0"])
+    for family in families.FAMILIES:
+        model = families.build_model(family, 4 << 20)
+        lm = families.layout_map(family, mesh)
+        total = sum(v.value.numel() for v in model.weights)
+        for v in model.weights:
+            if v.value.numel() > 0.01 * total:
+                assert lm[v.path] is not None and "model" in lm[v.path].axes, v.path
+
+
+def _bench_json(path, peaks):
+    path.write_text(json.dumps({"benchmarks": [
+        {"name": n, "fullname": n, "extra_info": {"max_peak_bytes": p}} for n, p in peaks.items()]}))
+    return str(path)
+
+
+def test_compare_memory_flags_growth_beyond_factor_and_missing_benchmarks(tmp_path):
+    base = _bench_json(tmp_path / "a.json", {"t[16-2]": 1000, "t[64-2]": 4000, "gone": 10})
+    cur = _bench_json(tmp_path / "b.json", {"t[16-2]": 1050, "t[64-2]": 4500})
+    problems = compare.compare_peaks(compare.peaks_by_name(base), compare.peaks_by_name(cur), 1.10)
+    assert len(problems) == 2
+    assert any("t[64-2]" in p and "1.125x" in p for p in problems)
+    assert any("gone" in p and "not in the current run" in p for p in problems)
+    assert compare.main([base, base]) == 0
+    assert compare.main([base, cur]) == 1
+
+
+def test_table_reports_the_worst_rank_and_oom():
+    rows = []
+    for rank, peak in enumerate([100, 120]):
+        rows.append({"family": "mlp", "param_bytes": 200, "ranks": 2, "rank": rank, "mode": "sharded",
+                     "phase": "build", "peak_bytes": peak, "ideal_bytes": 100.0, "oom": False,
+                     "status": "ok", "init_seconds": 0.5, "gather_seconds": 0.1})
+    rows.append({"family": "mlp", "param_bytes": 200, "ranks": 1, "rank": 0, "mode": "unsharded",
+                 "phase": "build", "peak_bytes": None, "ideal_bytes": 200.0, "oom": True,
+                 "status": "oom", "init_seconds": None, "gather_seconds": None})
+    text = report.table(rows)
+    assert "| 1.200 |" in text  # 120 / 100: the worst rank counts
+    assert "OOM" in text
