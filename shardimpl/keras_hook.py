@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 __all__ = ["install", "uninstall", "installed", "is_installed", "SUPPORTED_KERAS"]
@@ -79,6 +80,7 @@ def _make_initialize_with_initializer(original):
         from shardimpl.create import distribute_variable
 
         value = distribute_variable(initializer, layout, shape=self._shape, dtype=self._dtype, name=self.path)
+        self._layout = layout  # optimizer slots made from this variable take the same layout
         self._value = _sharded_parameter(value, self.trainable)
 
     return _initialize_with_initializer
@@ -86,56 +88,65 @@ def _make_initialize_with_initializer(original):
 
 def _make_initialize(original):
     def _initialize(self, value):
-        layout = None if isinstance(value, torch.nn.Parameter) else _sharded_layout(self)
+        if isinstance(value, torch.nn.Parameter):
+            return original(self, value)
+        if self._shape is None:  # Keras sets it from the value right after; layouts need it now
+            self._shape = tuple(int(d) for d in (value.shape if hasattr(value, "shape") else np.shape(value)))
+        layout = _sharded_layout(self)
         if layout is None:
             return original(self, value)
         from shardimpl.create import distribute_variable
 
         if not isinstance(value, torch.Tensor):
-            import numpy as np
-
             value = np.asarray(value)
         sharded = distribute_variable(value, layout, dtype=self._dtype, name=self.path)
+        self._layout = layout
         self._value = _sharded_parameter(sharded, self.trainable)
 
     return _initialize
 
 
-def install() -> None:
-    """Route Keras' torch backend through shardimpl (idempotent)."""
-    if _saved:
-        return
-    _check_version()
+def _creation_patches():
     from keras.src import backend as keras_backend_pkg
     from keras.src.backend.torch import core
     from keras.src.distribution import distribution_lib as keras_dist
 
     from shardimpl import keras_backend
 
-    _saved["dist_lib"] = keras_dist.distribution_lib
-    _saved["backend_dist_lib"] = getattr(keras_backend_pkg, "distribution_lib", None)
-    _saved["init_with_initializer"] = core.Variable._initialize_with_initializer
-    _saved["initialize"] = core.Variable._initialize
-    keras_dist.distribution_lib = keras_backend
-    keras_backend_pkg.distribution_lib = keras_backend
-    core.Variable._initialize_with_initializer = _make_initialize_with_initializer(
-        _saved["init_with_initializer"]
-    )
-    core.Variable._initialize = _make_initialize(_saved["initialize"])
+    return [
+        (keras_dist, "distribution_lib", lambda _: keras_backend),
+        (keras_backend_pkg, "distribution_lib", lambda _: keras_backend),
+        (core.Variable, "_initialize_with_initializer", _make_initialize_with_initializer),
+        (core.Variable, "_initialize", _make_initialize),
+    ]
+
+
+def install() -> None:
+    """Route Keras' torch backend through shardimpl (idempotent).
+
+    Patches, each undone by `uninstall`: the distribution backend, variable
+    creation (this module), the trainer's steps and data loading
+    (`shardimpl.keras_steps`), array conversion, assignment and saving
+    (`shardimpl.keras_saving`).
+    """
+    if _saved:
+        return
+    _check_version()
+    from shardimpl import keras_saving, keras_steps
+
+    for owner, name, factory in _creation_patches() + keras_steps.patches() + keras_saving.patches():
+        original = owner.__dict__.get(name, getattr(owner, name, None)) if isinstance(owner, type) else getattr(owner, name, None)
+        _saved[(id(owner), name)] = (owner, name, name in vars(owner), original)
+        setattr(owner, name, factory(original))
 
 
 def uninstall() -> None:
     """Restore stock Keras (idempotent)."""
-    if not _saved:
-        return
-    from keras.src import backend as keras_backend_pkg
-    from keras.src.backend.torch import core
-    from keras.src.distribution import distribution_lib as keras_dist
-
-    keras_dist.distribution_lib = _saved["dist_lib"]
-    keras_backend_pkg.distribution_lib = _saved["backend_dist_lib"]
-    core.Variable._initialize_with_initializer = _saved["init_with_initializer"]
-    core.Variable._initialize = _saved["initialize"]
+    for owner, name, had_own, original in reversed(list(_saved.values())):
+        if had_own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
     _saved.clear()
 
 

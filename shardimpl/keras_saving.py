@@ -1,0 +1,173 @@
+"""Full arrays out of sharded variables, sharded variables from full arrays, and saving.
+
+* ``convert_to_numpy`` (``get_weights``, ``variable.numpy()``, predict outputs):
+  a DTensor is gathered to host memory, one variable at a time
+  (`all_gather_variable`, every rank gets the array). While saving, only
+  rank 0 gathers (``dst=0``); the others get an empty placeholder.
+* ``assign`` (``set_weights``, ``load_weights``): a full value is resharded by
+  keeping this rank's slice; nothing of full size reaches the device.
+* ``save_weights`` / ``model.save``: every rank walks the model (the gathers
+  are collective); rank 0 writes to a temporary file next to the target and
+  renames it after every rank finished, so a failing rank leaves no partial
+  file; the other ranks write their placeholders to a private temporary
+  folder that is removed. The result is an ordinary Keras file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+__all__ = ["saving_scope", "patches", "to_numpy", "last_save_wrote"]
+
+_state = {"saving": False, "wrote": None}
+
+
+def last_save_wrote():
+    """Whether this rank wrote the file of the last sharded save (rank 0: True; others: False)."""
+    return _state["wrote"]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def saving_scope():
+    saved = _state["saving"]
+    _state["saving"] = True
+    try:
+        yield
+    finally:
+        _state["saving"] = saved
+
+
+def _full_host_tensor(x: DTensor):
+    from shardimpl.gather import all_gather_variable
+
+    if any(not isinstance(p, (Shard, Replicate)) for p in x.placements):
+        x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
+    replicated = all(isinstance(p, Replicate) for p in x.placements)
+    # Replicated values are whole on every rank already (configs read them while saving).
+    dst = 0 if _state["saving"] and not replicated else None
+    return all_gather_variable(x.detach(), device="cpu", dst=dst)
+
+
+def to_numpy(original):
+    """Wrap Keras' torch ``convert_to_numpy`` so DTensors come back as full host arrays."""
+
+    @functools.wraps(original)
+    def convert_to_numpy(x):
+        if isinstance(x, (list, tuple)):
+            return np.array([convert_to_numpy(e) for e in x])
+        if isinstance(x, DTensor):
+            full = _full_host_tensor(x)
+            if full is None:  # a non-zero rank while saving: rank 0 writes the file
+                return np.zeros((0,), dtype=original(torch.zeros((), dtype=x.dtype)).dtype)
+            x = full
+        return original(x)
+
+    return convert_to_numpy
+
+
+def _wrap_direct_assign(original):
+    @functools.wraps(original)
+    def _direct_assign(self, value):
+        target = self.value
+        if not isinstance(target, DTensor) or isinstance(value, DTensor):
+            return original(self, value)
+        from shardimpl.layout import local_shard_bounds, mesh_coordinate
+
+        full = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+        if tuple(full.shape) != tuple(target.shape):
+            raise ValueError(
+                f"Cannot assign a value of shape {tuple(full.shape)} to variable {self.path!r} of "
+                f"shape {tuple(target.shape)}. Pass an array of the variable's full (global) shape."
+            )
+        mesh = target.device_mesh
+        offsets, sizes = local_shard_bounds(tuple(target.shape), tuple(mesh.shape), target.placements,
+                                            mesh_coordinate(mesh))
+        piece = full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+        with torch.no_grad():
+            target.to_local().copy_(piece)
+
+    return _direct_assign
+
+
+def _wrap_convert_to_tensor(original):
+    @functools.wraps(original)
+    def _convert_to_tensor(self, value, dtype=None):
+        if isinstance(getattr(self, "_value", None), DTensor) and not isinstance(value, torch.Tensor):
+            # A full value for a sharded variable stays on the host; assign keeps a slice.
+            from keras.src.backend.torch.core import to_torch_dtype
+
+            array = np.asarray(value)
+            return torch.as_tensor(array, dtype=to_torch_dtype(dtype or self.dtype))
+        return original(self, value, dtype=dtype)
+
+    return _convert_to_tensor
+
+
+def _atomic_save(original):
+    @functools.wraps(original)
+    def save(model, filepath, *args, **kwargs):
+        from keras.src.distribution import distribution_lib
+
+        if distribution_lib.distribution() is None or not dist.is_initialized() or dist.get_world_size() == 1:
+            return original(model, filepath, *args, **kwargs)
+        filepath = os.fspath(filepath)
+        folder = os.path.dirname(os.path.abspath(filepath))
+        private = tempfile.mkdtemp(prefix=".shardimpl-save-", dir=folder if _rank() == 0 else None)
+        target = os.path.join(private, os.path.basename(filepath))
+        ok = torch.tensor([1], dtype=torch.int32)
+        try:
+            with saving_scope():
+                original(model, target, *args, **kwargs)
+        except BaseException:
+            ok.zero_()
+            _all_ok(ok)
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+        all_ok = _all_ok(ok)
+        _state["wrote"] = _rank() == 0 and all_ok
+        if _state["wrote"]:
+            os.replace(target, filepath)
+        shutil.rmtree(private, ignore_errors=True)
+        if not all_ok:
+            raise RuntimeError(f"saving {filepath!r} failed on another rank; no file was written.")
+        dist.barrier()
+
+    return save
+
+
+def _all_ok(flag: torch.Tensor) -> bool:
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def patches():
+    """(owner, attribute, wrapper factory) for `shardimpl.keras_hook.install`."""
+    import sys
+
+    from keras.src.backend.torch import core
+    from keras.src.saving import saving_lib
+
+    original = core.convert_to_numpy
+    out = [
+        (mod, "convert_to_numpy", to_numpy)
+        for name, mod in list(sys.modules.items())
+        if name.startswith("keras") and mod is not None and getattr(mod, "convert_to_numpy", None) is original
+    ]
+    out.append((core.Variable, "_direct_assign", _wrap_direct_assign))
+    out.append((core.Variable, "_convert_to_tensor", _wrap_convert_to_tensor))
+    out.append((saving_lib, "save_model", _atomic_save))
+    out.append((saving_lib, "save_weights_only", _atomic_save))
+    return out

@@ -1,0 +1,167 @@
+"""Training, evaluation and prediction steps of Keras' torch trainer on sharded variables.
+
+Under a distribution each step:
+
+* lays the batch out: with a data axis (a mesh axis no variable layout uses,
+  e.g. "batch" of a ("batch", "model") mesh, or DataParallel's axis) each rank
+  keeps its slice of the global batch along dim 0 (a DTensor sharded on that
+  axis); with a model-only mesh every rank keeps the same full batch;
+* runs forward and backward with plain tensors treated as replicated
+  (`implicit_replication`) and with the math attention kernel (DTensor has no
+  rule for the fused CPU/flash attention backward);
+* loads data the same way on every rank: the host RNGs (torch, numpy) are
+  agreed from rank 0 when fit/evaluate/predict start (one broadcast), so
+  shuffled batches match across ranks, and Keras' multi-process check that
+  refuses numpy input is not applied (shardimpl distributes the batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+__all__ = ["data_axis", "distribute_batch", "step_context", "agree_host_rng", "patches"]
+
+
+def _distribution():
+    from keras.src.distribution import distribution_lib
+
+    return distribution_lib.distribution()
+
+
+def data_axis(distribution) -> str | None:
+    """The mesh axis that splits batches, or None when every rank sees the whole batch."""
+    from keras.distribution import DataParallel, ModelParallel
+
+    mesh = distribution.device_mesh
+    name = distribution.batch_dim_name
+    if name not in mesh.axis_names or mesh.shape[list(mesh.axis_names).index(name)] == 1:
+        return None
+    if isinstance(distribution, DataParallel):
+        return name
+    if isinstance(distribution, ModelParallel):
+        layout_map = distribution._layout_map
+        for key in layout_map:
+            axes = layout_map[key].axes
+            used = {a for entry in axes if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+            if name in used:
+                return None  # the default batch_dim_name of a 1-D mesh is the model axis
+        return name
+    return name
+
+
+def _batch_layout(distribution):
+    from shardimpl.layout import to_torch_mesh
+
+    axis = data_axis(distribution)
+    mesh = to_torch_mesh(distribution.device_mesh)
+    names = list(distribution.device_mesh.axis_names)
+    placements = tuple(Shard(0) if n == axis else Replicate() for n in names)
+    return mesh, placements, axis
+
+
+def distribute_batch(data, distribution):
+    """Every tensor of ``data`` as this rank's part of the global batch (a DTensor), or as is."""
+    mesh, placements, axis = _batch_layout(distribution)
+    if axis is None:
+        return data
+    from keras.src import tree
+
+    from shardimpl.layout import local_shard_bounds, mesh_coordinate
+
+    coord = mesh_coordinate(mesh)
+    device = _device_of(mesh)
+
+    def one(x):
+        if not isinstance(x, (torch.Tensor, np.ndarray)) or isinstance(x, DTensor) or np.ndim(x) == 0:
+            return x
+        x = torch.as_tensor(x)
+        offsets, sizes = local_shard_bounds(tuple(x.shape), tuple(mesh.shape), placements, coord)
+        local = x[offsets[0]:offsets[0] + sizes[0]].to(device)
+        stride = torch.empty(x.shape, device="meta").stride()
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=x.shape, stride=stride)
+
+    return tree.map_structure(one, data)
+
+
+def _device_of(mesh):
+    from shardimpl.layout import local_device
+
+    return local_device(mesh)
+
+
+@contextlib.contextmanager
+def step_context():
+    """Mixed plain/DTensor ops allowed, and attention through decomposable math ops."""
+    from torch.distributed.tensor.experimental import implicit_replication
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def agree_host_rng() -> None:
+    """Give every rank rank 0's torch and numpy RNG states (one broadcast of each)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    state = [torch.get_rng_state(), np.random.get_state()] if dist.get_rank() == 0 else [None, None]
+    dist.broadcast_object_list(state, src=0)
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+
+
+def _wrap_step(original):
+    @functools.wraps(original)
+    def step(self, data):
+        distribution = _distribution()
+        if distribution is None:
+            return original(self, data)
+        data = distribute_batch(data, distribution)
+        with step_context():
+            return original(self, data)
+
+    return step
+
+
+def _wrap_loop(original):
+    @functools.wraps(original)
+    def loop(self, *args, **kwargs):
+        if _distribution() is not None:
+            agree_host_rng()
+        return original(self, *args, **kwargs)
+
+    return loop
+
+
+def _wrap_get_data_adapter(original):
+    @functools.wraps(original)
+    def get_data_adapter(*args, **kwargs):
+        distribution = _distribution()
+        if distribution is None or not getattr(distribution, "_is_multi_process", False):
+            return original(*args, **kwargs)
+        # Every rank loads the same global batches; the steps lay them out.
+        saved = distribution._auto_shard_dataset
+        distribution._auto_shard_dataset = False
+        try:
+            return original(*args, **kwargs)
+        finally:
+            distribution._auto_shard_dataset = saved
+
+    return get_data_adapter
+
+
+def patches():
+    """(owner, attribute, wrapper factory) for `shardimpl.keras_hook.install`."""
+    from keras.src.backend.torch import trainer
+    from keras.src.trainers import data_adapters
+
+    cls = trainer.TorchTrainer
+    out = [(cls, name, _wrap_step) for name in ("train_step", "test_step", "predict_step")]
+    out += [(cls, name, _wrap_loop) for name in ("fit", "evaluate", "predict")]
+    out.append((data_adapters, "get_data_adapter", _wrap_get_data_adapter))
+    return out
