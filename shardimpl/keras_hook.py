@@ -106,10 +106,28 @@ def _make_initialize(original):
     return _initialize
 
 
+def torch_core():
+    """Keras' torch backend core module: ``backend/torch/core.py`` (3.15) or ``ops/core.py`` (3.16)."""
+    import importlib
+
+    try:
+        return importlib.import_module("keras.src.backend.torch.core")
+    except ImportError:
+        return importlib.import_module("keras.src.backend.torch.ops.core")
+
+
+def torch_trainer_class():
+    """Keras' torch trainer class: ``TorchTrainer`` (3.15) or ``Trainer`` (3.16)."""
+    from keras.src.backend.torch import trainer
+
+    return getattr(trainer, "TorchTrainer", None) or trainer.Trainer
+
+
 def _creation_patches():
     from keras.src import backend as keras_backend_pkg
-    from keras.src.backend.torch import core
     from keras.src.distribution import distribution_lib as keras_dist
+
+    core = torch_core()
 
     from shardimpl import keras_backend
 

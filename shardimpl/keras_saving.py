@@ -81,9 +81,15 @@ def to_numpy(original):
 def _wrap_direct_assign(original):
     @functools.wraps(original)
     def _direct_assign(self, value):
-        target = self.value
-        if not isinstance(target, DTensor) or isinstance(value, DTensor):
+        target = getattr(self, "_value", None)
+        if not isinstance(target, DTensor):
             return original(self, value)
+        if isinstance(value, DTensor):
+            if tuple(value.placements) != tuple(target.placements):
+                value = value.redistribute(target.device_mesh, target.placements)
+            with torch.no_grad():
+                target.copy_(value.detach())
+            return
         from shardimpl.layout import local_shard_bounds, mesh_coordinate
 
         full = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
@@ -107,7 +113,9 @@ def _wrap_convert_to_tensor(original):
     def _convert_to_tensor(self, value, dtype=None):
         if isinstance(getattr(self, "_value", None), DTensor) and not isinstance(value, torch.Tensor):
             # A full value for a sharded variable stays on the host; assign keeps a slice.
-            from keras.src.backend.torch.core import to_torch_dtype
+            from shardimpl.keras_hook import torch_core
+
+            to_torch_dtype = torch_core().to_torch_dtype
 
             array = np.asarray(value)
             return torch.as_tensor(array, dtype=to_torch_dtype(dtype or self.dtype))
@@ -157,9 +165,11 @@ def patches():
     """(owner, attribute, wrapper factory) for `shardimpl.keras_hook.install`."""
     import sys
 
-    from keras.src.backend.torch import core
     from keras.src.saving import saving_lib
 
+    from shardimpl.keras_hook import torch_core
+
+    core = torch_core()
     original = core.convert_to_numpy
     out = [
         (mod, "convert_to_numpy", to_numpy)

@@ -157,10 +157,11 @@ def _wrap_get_data_adapter(original):
 
 def patches():
     """(owner, attribute, wrapper factory) for `shardimpl.keras_hook.install`."""
-    from keras.src.backend.torch import trainer
     from keras.src.trainers import data_adapters
 
-    cls = trainer.TorchTrainer
+    from shardimpl.keras_hook import torch_trainer_class
+
+    cls = torch_trainer_class()
     out = [(cls, name, _wrap_step) for name in ("train_step", "test_step", "predict_step")]
     out += [(cls, name, _wrap_loop) for name in ("fit", "evaluate", "predict")]
     out.append((data_adapters, "get_data_adapter", _wrap_get_data_adapter))

@@ -52,6 +52,11 @@ class TorchLayout:
     def __post_init__(self):
         object.__setattr__(self, "placements", tuple(self.placements))
 
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """Alias of ``mesh`` (the name DTensor and Keras' backend layouts use)."""
+        return self.mesh
+
 
 def _parse_device(device: str, where: str) -> tuple[str, int]:
     kind, sep, index = str(device).partition(":")
