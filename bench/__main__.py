@@ -15,6 +15,7 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 MiB = 1 << 20
+_START = time.perf_counter()
 DEFAULT_SIZES_MIB = (16, 64, 256)
 DEFAULT_RANKS = (1, 2, 4)
 
@@ -36,7 +37,8 @@ def _parser():
                    help="parameter sizes in MiB (default: 16,64,256)")
     p.add_argument("--ranks", type=_ints, default=DEFAULT_RANKS, help="world sizes (default: 1,2,4)")
     p.add_argument("--modes", type=_names, default=("unsharded", "sharded"),
-                   help="comma-separated: unsharded,sharded (default: both)")
+                   help="comma-separated from unsharded,sharded,naive,keras-native (default: "
+                        "unsharded,sharded; keras-native needs keras-nightly: see `python -m bench peers`)")
     p.add_argument("--budget", default="auto",
                    help="per-rank budget in MiB for the build; 'auto' = 3/4 of the largest size "
                         "(the unsharded largest build cannot fit, sharded N>=2 can); 'none' = no limit")
@@ -70,19 +72,16 @@ def _validate(args):
         raise SystemExit("--sizes and --ranks need positive numbers, e.g. --sizes 16,64 --ranks 1,2,4")
 
 
-def run_main(args) -> int:
-    from bench import report
+def collect_rows(args, budget):
+    """Run every (family, size, N, mode) scenario of ``args``; results.json rows."""
     from bench.scenarios import Scenario, rows_for, run_scenario
 
     _validate(args)
-    budget = _budget_bytes(args.budget, args.sizes)
     scenarios = [
         Scenario(fam, size * MiB, n, mode, device=args.device, budget_bytes=budget, step=not args.no_step)
         for fam in args.families for size in args.sizes for n in args.ranks for mode in args.modes
     ]
-    os.makedirs(args.out, exist_ok=True)
     rows = []
-    start = time.perf_counter()
     for i, s in enumerate(scenarios, 1):
         t0 = time.perf_counter()
         if not args.quiet:
@@ -93,8 +92,17 @@ def run_main(args) -> int:
         if not args.quiet:
             statuses = sorted({r["status"] for r in new})
             print(f" {'/'.join(statuses)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return rows, None
+
+
+def write_all(args, rows, budget, extra=None) -> int:
+    """results.json, report.md, the plots and the table; exit status 1 if a rank errored."""
+    from bench import report
+
+    os.makedirs(args.out, exist_ok=True)
     meta = report.meta(device=args.device, budget_bytes=budget,
-                       extra={"wall_seconds": time.perf_counter() - start, "command": " ".join(sys.argv)})
+                       extra={"wall_seconds": time.perf_counter() - _START, "command": " ".join(sys.argv),
+                              **(extra or {})})
     plots = report.plot_scaling(rows, args.out, budget)
     report.write_results(os.path.join(args.out, "results.json"), meta, rows)
     report.write_report(os.path.join(args.out, "report.md"), meta, rows, plots)
@@ -105,6 +113,12 @@ def run_main(args) -> int:
         print(f"{len(bad)} rank rows failed (error/timeout); see results.json", file=sys.stderr)
         return 1
     return 0
+
+
+def run_main(args) -> int:
+    budget = _budget_bytes(args.budget, args.sizes)
+    rows, _ = collect_rows(args, budget)
+    return write_all(args, rows, budget)
 
 
 def gate_main(argv) -> int:
@@ -123,10 +137,38 @@ def gate_main(argv) -> int:
     return 1 if violations else 0
 
 
+def peers_main(argv) -> int:
+    """`python -m bench peers [options]`: unsharded, naive, keras-native and sharded in one report."""
+    from bench import peers, report
+    from bench.scenarios import Scenario
+
+    p = _parser()
+    p.prog = "python -m bench peers"
+    p.add_argument("--venv", default=os.environ.get("SHARDIMPL_NIGHTLY_VENV", ".venv-nightly"),
+                   help="the keras-nightly virtualenv to create or reuse (default: .venv-nightly)")
+    p.set_defaults(modes=("unsharded", "naive", "sharded"), out="bench-results/peers")
+    args = p.parse_args(argv)
+    local_modes = tuple(m for m in args.modes if m != "keras-native")
+    args.modes = local_modes
+    budget = _budget_bytes(args.budget, args.sizes)
+    rows, status = collect_rows(args, budget)
+    scenarios = [Scenario(f, s * MiB, n, "keras-native", device=args.device, budget_bytes=budget,
+                          step=not args.no_step)
+                 for f in args.families for s in args.sizes for n in args.ranks]
+    native_rows, native_meta = peers.run_keras_native(args, scenarios, args.venv)
+    rows += native_rows
+    extra = {"keras_native": {"venv": args.venv, "keras": (native_meta or {}).get("keras"),
+                              "torch": (native_meta or {}).get("torch"),
+                              "error": None if native_meta else native_rows[0]["error"] if native_rows else None}}
+    return write_all(args, rows, budget, extra)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "gate":
         return gate_main(argv[1:])
+    if argv and argv[0] == "peers":
+        return peers_main(argv[1:])
     if argv and argv[0] == "compare-memory":
         from bench import compare
 

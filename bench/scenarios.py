@@ -3,6 +3,10 @@
 Modes:
 * ``unsharded``: stock Keras, no distribution: every rank builds the whole model.
 * ``sharded``: `shardimpl.install()` + `ModelParallel` with the family's LayoutMap.
+* ``naive``: as sharded, but each variable is built whole on the host first
+  (`bench.peers.naive_distribute_variable`).
+* ``keras-native``: keras-nightly's own torch ModelParallel (no shardimpl hook);
+  needs keras-nightly in the environment (`python -m bench peers` makes one).
 
 Each rank measures, with `PeakMeter`, the peak of live bytes while building
 the model (under the per-rank budget when one is given: an allocator error
@@ -22,7 +26,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 __all__ = ["Scenario", "MODES", "measure_rank", "run_scenario", "rows_for"]
 
-MODES = ("unsharded", "sharded")
+MODES = ("unsharded", "sharded", "naive", "keras-native")
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,18 @@ def _distribution(scenario: Scenario):
 
     if scenario.mode == "unsharded":
         return None  # stock Keras: no hook, no distribution
-    shardimpl.install()
+    if scenario.mode == "keras-native":
+        if ".dev" not in keras.__version__:
+            raise RuntimeError(
+                f"mode keras-native needs keras-nightly; this environment has keras {keras.__version__}. "
+                "Run `python -m bench peers`, which measures it in a keras-nightly virtualenv."
+            )
+    else:
+        shardimpl.install()
+    if scenario.mode == "naive":
+        from bench.peers import use_naive_creation
+
+        use_naive_creation()
     mesh = _model_mesh(scenario.device)
     dist_ = keras.distribution.ModelParallel(layout_map=layout_map(scenario.family, mesh))
     keras.distribution.set_distribution(dist_)
@@ -137,7 +152,7 @@ def measure_rank(scenario: Scenario) -> dict:
         with PeakMeter(device) as meter:
             _train_step(model, batch, device)
         out["step_peak_bytes"] = meter.result().device_peak_bytes
-    if scenario.mode == "sharded":
+    if scenario.mode != "unsharded":
         out["gather_seconds"] = _gather_all(model)
     return out
 
