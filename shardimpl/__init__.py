@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 from shardimpl.create import distribute_variable
+from shardimpl.checkpoint import load_sharded, save_sharded
 from shardimpl.gather import all_gather_variable
 from shardimpl.keras_hook import install, installed, uninstall
 from shardimpl.layout import TorchLayout, local_shard_bounds, resolve_layout, to_torch_mesh
@@ -24,6 +25,8 @@ __all__ = [
     "install",
     "uninstall",
     "installed",
+    "save_sharded",
+    "load_sharded",
     "TorchLayout",
     "resolve_layout",
     "to_torch_mesh",
