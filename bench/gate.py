@@ -74,7 +74,7 @@ def _gate_rank(mode: str, budget_bytes, device: str, regress: bool) -> dict:
     import keras
 
     import shardimpl
-    from shardimpl.memory import PeakMeter, budget, is_oom
+    from shardimpl.memory import PeakMeter, budget, is_oom, warm_thread_pools
 
     if mode == "sharded":
         shardimpl.install()
@@ -87,6 +87,7 @@ def _gate_rank(mode: str, budget_bytes, device: str, regress: bool) -> dict:
     if regress:
         _regress_creation_path()
     meter_device = "cpu" if device == "cpu" else "cuda"
+    warm_thread_pools()  # before the meter: its warm-up tensors are not the model's
     try:
         with PeakMeter(meter_device) as m:
             if budget_bytes:

@@ -121,13 +121,14 @@ def measure_rank(scenario: Scenario) -> dict:
     import torch.distributed as dist
 
     from bench.families import build_model, sample_batch
-    from shardimpl.memory import PeakMeter, budget, is_oom
+    from shardimpl.memory import PeakMeter, budget, is_oom, warm_thread_pools
 
     device = "cpu" if scenario.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
     _distribution(scenario)
     out = {"oom": False, "error": None, "step_peak_bytes": None, "gather_seconds": None}
     gc.collect()
     dist.barrier()
+    warm_thread_pools()  # before the meter: its warm-up tensors are not the model's
     start = time.perf_counter()
     try:
         with PeakMeter(device) as meter:

@@ -36,7 +36,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
-__all__ = ["PeakMeter", "MemoryResult", "budget", "is_oom", "OOM_MARKERS"]
+__all__ = ["PeakMeter", "MemoryResult", "budget", "is_oom", "warm_thread_pools", "OOM_MARKERS"]
 
 
 @dataclass(frozen=True)
@@ -212,15 +212,19 @@ def _vm_data() -> int:
 _pools_warm = False
 
 
-def _warm_thread_pools() -> None:
-    """Start torch's OpenMP/intra-op threads now: their stacks are data mappings, and
-    libgomp aborts the whole process (no exception) if it cannot create them under
-    a tight RLIMIT_DATA."""
+def warm_thread_pools() -> None:
+    """Start torch's OpenMP/intra-op threads now (once per process).
+
+    Their stacks are data mappings, and libgomp aborts the whole process (no
+    exception) if it cannot create them under a tight RLIMIT_DATA. Call it
+    before a `PeakMeter` block that enters a `budget`, so the warm-up's own
+    small tensors (about 1 MiB) stay out of the measurement.
+    """
     global _pools_warm
     if not _pools_warm:
-        x = torch.ones(1 << 20)
+        x = torch.ones(1 << 17)
         (x * 2).sum().item()
-        torch.mm(torch.ones(256, 256), torch.ones(256, 256))
+        torch.mm(torch.ones(128, 128), torch.ones(128, 128))
         _pools_warm = True
 
 
@@ -248,7 +252,7 @@ def budget(nbytes: int, *, device=None):
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, index)
         return
-    _warm_thread_pools()
+    warm_thread_pools()
     old = resource.getrlimit(resource.RLIMIT_DATA)
     limit = _vm_data() + nbytes
     if old[1] != resource.RLIM_INFINITY:
