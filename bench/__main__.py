@@ -167,6 +167,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "gate":
         return gate_main(argv[1:])
+    if argv and argv[0] == "plan":
+        from bench import plan
+
+        return plan.main(argv[1:])
     if argv and argv[0] == "peers":
         return peers_main(argv[1:])
     if argv and argv[0] == "compare-memory":

@@ -3,7 +3,8 @@
 * ``mlp``: a stack of ``DEPTH`` Dense(width) layers on width-wide inputs;
   every kernel is the same size, none dominates the others.
 * ``transformer``: a token embedding (vocab x d, its largest variable) and
-  ``BLOCKS`` pre-norm blocks of MultiHeadAttention and a 4x MLP.
+  ``BLOCKS`` pre-norm blocks of MultiHeadAttention (at least ``HEADS`` heads,
+  about 128 wide in large models) and a 4x MLP.
 
 `param_bytes` is exact (counted from the built model's shapes); the knob only
 picks the dimensions. The LayoutMaps shard every large variable over the
@@ -35,8 +36,11 @@ def dims_for(family: str, param_bytes: int, itemsize: int = 4) -> dict:
         return {"width": width}
     if family == "transformer":
         # embedding 16 d^2 + per block (4 d^2 attention + 8 d^2 MLP) => 40 d^2 for 2 blocks.
-        d = max(HEADS * 4, int(round(math.sqrt(elems / (16 + 12 * BLOCKS)) / HEADS)) * HEADS)
-        return {"d_model": d, "vocab": 16 * d}
+        target = math.sqrt(elems / (16 + 12 * BLOCKS))
+        # About 128 per head for large models; a power of two, so that N = 2, 4, 8... split heads evenly.
+        heads = max(HEADS, 2 ** int(math.log2(max(target / 128, 1))))
+        d = max(heads * 4, int(round(target / heads)) * heads)
+        return {"d_model": d, "vocab": 16 * d, "heads": heads}
     raise ValueError(f"Unknown model family {family!r}. Choose one of {FAMILIES}.")
 
 
@@ -63,12 +67,12 @@ def build_model(family: str, param_bytes: int):
         for i in range(DEPTH):
             x = keras.layers.Dense(width, activation="relu" if i < DEPTH - 1 else None, name=f"dense_{i}")(x)
         return keras.Model(inputs, x, name="mlp")
-    d, vocab = dims["d_model"], dims["vocab"]
+    d, vocab, heads = dims["d_model"], dims["vocab"], dims["heads"]
     tokens = keras.Input((SEQ,), batch_size=BATCH, dtype="int32")
     x = keras.layers.Embedding(vocab, d, name="token_embedding")(tokens)
     for b in range(BLOCKS):
         h = keras.layers.LayerNormalization(name=f"block{b}_ln1")(x)
-        h = keras.layers.MultiHeadAttention(HEADS, d // HEADS, name=f"block{b}_attn")(h, h)
+        h = keras.layers.MultiHeadAttention(heads, d // heads, name=f"block{b}_attn")(h, h)
         x = x + h
         h = keras.layers.LayerNormalization(name=f"block{b}_ln2")(x)
         h = keras.layers.Dense(4 * d, activation="gelu", name=f"block{b}_mlp_up")(h)

@@ -251,12 +251,21 @@ def local_shard_bounds(shape, mesh_shape, placements, coordinate):
 
 
 def mesh_coordinate(mesh: DeviceMesh, rank: int | None = None) -> tuple[int, ...]:
-    """This rank's (or ``rank``'s) coordinate in ``mesh``; pure lookup."""
-    rank = dist.get_rank() if rank is None else rank
-    where = (mesh.mesh == rank).nonzero()
-    if where.numel() == 0:
+    """This rank's (or ``rank``'s) coordinate in ``mesh``; pure lookup, no tensor ops
+    (so it also runs under FakeTensorMode)."""
+    if rank is None:
+        coord = mesh.get_coordinate()
+        if coord is not None:
+            return tuple(int(c) for c in coord)
+        rank = dist.get_rank()
+    flat = [int(r) for r in mesh.mesh.reshape(-1).tolist()]
+    if rank not in flat:
         raise ValueError(f"rank {rank} is not in mesh {mesh}.")
-    return tuple(int(i) for i in where[0].tolist())
+    index, coord = flat.index(rank), []
+    for size in reversed(tuple(mesh.shape)):
+        coord.append(index % size)
+        index //= size
+    return tuple(reversed(coord))
 
 
 def describe_placements(layout: TorchLayout) -> str:

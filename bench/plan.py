@@ -1,0 +1,142 @@
+"""Plan before booking a cluster: per-rank memory of a model far larger than this machine.
+
+`python -m bench plan --family transformer --params 70B --ranks 8,64,1024`
+runs shardimpl's real creation code (the Keras hook, layouts, shard-local
+initializers) and a real train step (forward, backward, SGD with momentum on
+DTensors) as rank 0 of an N-rank world, under `FakeTensorMode` with torch's
+fake process group: shapes, shards and collectives are real, storage is not,
+so a 70B model "builds" on a laptop. The PeakMeter counts the fake tensors'
+bytes exactly as it counts real ones. Rank 0 holds the largest shard (chunks
+are ceil-sized), so its figures bound every rank's.
+
+Each N runs in a fresh process (the fake world is process-global).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+__all__ = ["plan_rank", "plan", "parse_params", "main"]
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_params(text: str, itemsize: int = 4) -> int:
+    """'70B' (parameters) -> bytes of float32 parameters; '256MiB' -> bytes; '1e6' -> parameters."""
+    t = text.strip().upper()
+    m = re.fullmatch(r"([0-9.E+]+)\s*(MIB|GIB|KIB)", t)
+    if m:
+        return int(float(m.group(1)) * {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}[m.group(2)])
+    m = re.fullmatch(r"([0-9.E+]+)\s*([KMBGT]?)", t)
+    if not m:
+        raise ValueError(f"--params: cannot read {text!r}; use a parameter count like 70B, 1.3B, 350M "
+                         "or a size like 256MiB.")
+    return int(float(m.group(1)) * _SUFFIX[m.group(2)]) * itemsize
+
+
+def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> dict:
+    """Rank 0 of a fake ``ranks``-rank world: build (and step) the model; peaks of live bytes."""
+    import keras
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import shardimpl
+    from bench.families import build_model, exact_param_bytes, layout_map, sample_batch
+    from bench.scenarios import _train_step
+    from shardimpl.layout import to_torch_mesh
+    from shardimpl.memory import PeakMeter
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    shardimpl.install()
+    mesh = keras.distribution.DeviceMesh((ranks,), ["model"], [f"cpu:{r}" for r in range(ranks)])
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh)))
+    to_torch_mesh(mesh)  # mesh and seed agreement outside the fake mode (they read real values)
+    start = time.perf_counter()
+    step_peak = None
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with PeakMeter("cpu") as build:
+            model = build_model(family, param_bytes)
+        local = sum(v.value.to_local().numel() * v.value.element_size() for v in model.weights)
+        if step:
+            batch = sample_batch(family, param_bytes)
+            _train_step(model, batch, "cpu")  # creates the momentum slots, as in the real harness
+            with PeakMeter("cpu") as meter:
+                _train_step(model, batch, "cpu")
+            step_peak = meter.result().device_peak_bytes
+    return {
+        "family": family, "param_bytes": exact_param_bytes(family, param_bytes), "ranks": ranks,
+        "build_peak_bytes": build.result().device_peak_bytes, "step_peak_bytes": step_peak,
+        "local_param_bytes": local, "ideal_bytes": exact_param_bytes(family, param_bytes) / ranks,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=None) -> list[dict]:
+    from shardimpl.launch import _context
+
+    rows = []
+    for n in ranks_list:
+        if log:
+            print(f"plan: {family} N={n} ...", end="", flush=True, file=log)
+        with ProcessPoolExecutor(1, mp_context=_context(), max_tasks_per_child=1) as pool:
+            row = pool.submit(plan_rank, family, param_bytes, n, step).result()
+        rows.append(row)
+        if log:
+            print(f" {row['seconds']:.1f} s", file=log)
+    return rows
+
+
+def _mib(x):
+    return "-" if x is None else f"{x / 2**20:,.1f}"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def table(rows) -> str:
+    lines = ["family | params | N | build peak/rank MiB | step peak/rank MiB | ideal P/N MiB | build/ideal",
+             "--- | --- | --- | --- | --- | --- | ---"]
+    for r in rows:
+        lines.append(" | ".join([
+            r["family"], _count(r["param_bytes"] // 4), str(r["ranks"]), _mib(r["build_peak_bytes"]),
+            _mib(r["step_peak_bytes"]), _mib(r["ideal_bytes"]), f"{r['build_peak_bytes'] / r['ideal_bytes']:.3f}",
+        ]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from bench import report
+    from bench.families import FAMILIES
+
+    p = argparse.ArgumentParser(prog="python -m bench plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=FAMILIES, default="transformer")
+    p.add_argument("--params", default="70B", help="parameter count (70B, 1.3B, 350M) or size (256MiB)")
+    p.add_argument("--ranks", default="8,64,1024", help="comma-separated world sizes")
+    p.add_argument("--json", help="write {meta, rows} here")
+    p.add_argument("--no-step", action="store_true", help="plan the build only")
+    args = p.parse_args(argv)
+    ranks = [int(x) for x in args.ranks.split(",") if x]
+    if not ranks or min(ranks) < 1:
+        raise SystemExit("--ranks needs positive world sizes, e.g. --ranks 8,64,1024")
+    rows = plan(args.family, parse_params(args.params), ranks, step=not args.no_step, log=sys.stderr)
+    print(table(rows))
+    if args.json:
+        meta = report.meta(device="cpu (FakeTensorMode, fake process group)", budget_bytes=None,
+                           extra={"command": " ".join(sys.argv), "dtype": "float32", "rank": 0})
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
