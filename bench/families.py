@@ -91,9 +91,10 @@ def layout_map(family: str, mesh):
         lm[r".*dense_\d+/bias"] = ("model",)
         return lm
     lm[r".*token_embedding/embeddings"] = (None, "model")
-    lm[r".*attn/(query|key|value)/kernel"] = (None, "model", None)
-    lm[r".*attn/(query|key|value)/bias"] = ("model", None)
-    lm[r".*attn/attention_output/kernel"] = ("model", None, None)
+    # Attention kernels are split on the model width, not on heads: heads run out
+    # long before ranks do (256 heads cannot be split 1024 ways).
+    lm[r".*attn/(query|key|value)/kernel"] = ("model", None, None)
+    lm[r".*attn/attention_output/kernel"] = (None, None, "model")
     lm[r".*mlp_up/kernel"] = (None, "model")
     lm[r".*mlp_up/bias"] = ("model",)
     lm[r".*mlp_down/kernel"] = ("model", None)

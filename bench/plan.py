@@ -66,17 +66,21 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> d
         with PeakMeter("cpu") as build:
             model = build_model(family, param_bytes)
         local = sum(v.value.to_local().numel() * v.value.element_size() for v in model.weights)
+        step_error = None
         if step:
             batch = sample_batch(family, param_bytes)
-            _train_step(model, batch, "cpu")  # creates the momentum slots, as in the real harness
-            with PeakMeter("cpu") as meter:
-                _train_step(model, batch, "cpu")
-            step_peak = meter.result().device_peak_bytes
+            try:
+                _train_step(model, batch, "cpu")  # creates the momentum slots, as in the real harness
+                with PeakMeter("cpu") as meter:
+                    _train_step(model, batch, "cpu")
+                step_peak = meter.result().device_peak_bytes
+            except Exception as exc:  # a layout DTensor cannot run at this N is a result, not a crash
+                step_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
     return {
         "family": family, "param_bytes": exact_param_bytes(family, param_bytes), "ranks": ranks,
         "build_peak_bytes": build.result().device_peak_bytes, "step_peak_bytes": step_peak,
         "local_param_bytes": local, "ideal_bytes": exact_param_bytes(family, param_bytes) / ranks,
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start, "step_error": step_error,
     }
 
 
@@ -134,6 +138,9 @@ def main(argv=None) -> int:
         raise SystemExit("--ranks needs positive world sizes, e.g. --ranks 8,64,1024")
     rows = plan(args.family, parse_params(args.params), ranks, step=not args.no_step, log=sys.stderr)
     print(table(rows))
+    for r in rows:
+        if r.get("step_error"):
+            print(f"N={r['ranks']}: the train step could not run: {r['step_error']}")
     if args.json:
         meta = report.meta(device="cpu (FakeTensorMode, fake process group)", budget_bytes=None,
                            extra={"command": " ".join(sys.argv), "dtype": "float32", "rank": 0})

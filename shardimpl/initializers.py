@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from itertools import product
+from itertools import islice, product
 
 import torch
 
@@ -137,6 +137,12 @@ def _draw_tile(spec: InitSpec, extent, index: int, gen_dtype) -> torch.Tensor:
     raise ValueError(f"unknown InitSpec kind {spec.kind!r}")
 
 
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def fill_local_shard(spec: InitSpec, full_shape, offsets, sizes, *, dtype, device) -> torch.Tensor:
     """Allocate this shard (``sizes`` at ``offsets`` of ``full_shape``) on ``device`` and fill it.
 
@@ -155,7 +161,12 @@ def fill_local_shard(spec: InitSpec, full_shape, offsets, sizes, *, dtype, devic
     ranges = [
         range(o // t, math.ceil((o + n) / t)) for o, n, t in zip(offsets, sizes, tile)
     ]
-    for idx in product(*ranges):
+    tiles = product(*ranges)
+    if _is_fake(local):
+        # Under FakeTensorMode (planning) values do not exist: one tile gives the same
+        # allocation pattern (the shard plus one tile) as drawing them all.
+        tiles = islice(tiles, 1)
+    for idx in tiles:
         origin = [i * t for i, t in zip(idx, tile)]
         extent = [min(t, s - o) for t, s, o in zip(tile, full_shape, origin)]
         linear = 0
