@@ -151,6 +151,9 @@ def install() -> None:
         return
     _check_version()
     from shardimpl import keras_saving, keras_steps
+    from shardimpl.dtensor_rules import register_rules
+
+    register_rules()
 
     for owner, name, factory in _creation_patches() + keras_steps.patches() + keras_saving.patches():
         original = owner.__dict__.get(name, getattr(owner, name, None)) if isinstance(owner, type) else getattr(owner, name, None)
