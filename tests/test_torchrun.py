@@ -1,0 +1,26 @@
+"""Under torchrun: Keras' initialize() joins torchrun's world, and launch.run uses its ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_keras_initialize_and_launcher_use_torchruns_ranks(tmp_path):
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(HERE, "_torchrun_script.py"), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "KERAS_BACKEND": "torch", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["devices"] == ["cpu:0", "cpu:1"]
+    assert [(r["rank"], r["status"], r["value"]) for r in data["rows"]] == [(0, "ok", 0), (1, "ok", 1)]
+    assert data["local"] == [8, 8]  # the (8, 16) kernel split over torchrun's two ranks
