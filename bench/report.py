@@ -136,21 +136,9 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
                     ax.plot(oom, [size / MiB] * len(oom), marker="x", color=color, alpha=alpha,
                             markersize=12, mew=3, linestyle="none",
                             label=f"{mode} {size / MiB:.0f} MiB: OOM")
-        if budget_bytes:
-            ax.axhline(budget_bytes / MiB, color="gray", linestyle=":", label="per-rank budget")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
+        _finish_axes(ax, budget_bytes, "ranks N", f"{fam}: per-rank build peak vs N (OOM drawn at P)")
         ax.set_xticks(all_ranks, [str(n) for n in all_ranks])
-        ax.set_xlabel("ranks N")
-        ax.set_ylabel("per-rank build peak (MiB)")
-        ax.set_title(f"{fam}: per-rank build peak vs N (OOM drawn at P)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "scaling_vs_ranks.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(fig, out_dir, "scaling_vs_ranks.png"))
 
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
     for ax, fam in zip(axes[0], families):
@@ -167,18 +155,28 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
                 if oom:
                     ax.plot(oom, oom, marker="x", color=color, alpha=alpha, markersize=12, mew=3,
                             linestyle="none", label=f"{mode} N={n}: OOM")
-        if budget_bytes:
-            ax.axhline(budget_bytes / MiB, color="gray", linestyle=":", label="per-rank budget")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("model parameters (MiB)")
-        ax.set_ylabel("per-rank build peak (MiB)")
-        ax.set_title(f"{fam}: per-rank peak vs model size")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        _finish_axes(ax, budget_bytes, "model parameters (MiB)", f"{fam}: per-rank peak vs model size")
+    paths.append(_save(fig, out_dir, "scaling_vs_size.png"))
+    return paths
+
+
+def _finish_axes(ax, budget_bytes, xlabel, title):
+    if budget_bytes:
+        ax.axhline(budget_bytes / MiB, color="gray", linestyle=":", label="per-rank budget")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("per-rank build peak (MiB)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def _save(fig, out_dir, name) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = os.path.join(out_dir, "scaling_vs_size.png")
+    path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    paths.append(path)
-    return paths
+    return path
