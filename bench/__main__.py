@@ -77,15 +77,23 @@ def collect_rows(args, budget):
     from bench.scenarios import Scenario, rows_for, run_scenario
 
     _validate(args)
+    # Every scenario measured without a limit (the scaling), then the largest size again under
+    # the per-rank budget (the OOM demonstration: unsharded must fail, sharded N >= 2 must fit).
     scenarios = [
-        Scenario(fam, size * MiB, n, mode, device=args.device, budget_bytes=budget, step=not args.no_step)
+        Scenario(fam, size * MiB, n, mode, device=args.device, step=not args.no_step)
         for fam in args.families for size in args.sizes for n in args.ranks for mode in args.modes
     ]
+    if budget:
+        scenarios += [
+            Scenario(fam, max(args.sizes) * MiB, n, mode, device=args.device, budget_bytes=budget, step=False)
+            for fam in args.families for n in args.ranks for mode in args.modes
+        ]
     rows = []
     for i, s in enumerate(scenarios, 1):
         t0 = time.perf_counter()
         if not args.quiet:
-            print(f"[{i}/{len(scenarios)}] {s.family} {s.param_bytes // MiB} MiB N={s.ranks} {s.mode} ...",
+            limit = f" under {s.budget_bytes / MiB:.0f} MiB" if s.budget_bytes else ""
+            print(f"[{i}/{len(scenarios)}] {s.family} {s.param_bytes // MiB} MiB N={s.ranks} {s.mode}{limit} ...",
                   end="", flush=True, file=sys.stderr)
         new = rows_for(s, run_scenario(s, timeout=args.timeout))
         rows += new

@@ -36,12 +36,13 @@ def _mib(x):
 
 
 def _summary(rows):
-    """One line per (family, size, ranks, mode, phase): the worst rank."""
+    """One line per (family, size, ranks, mode, phase, budget): the worst rank."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["family"], r["param_bytes"], r["ranks"], r["mode"], r["phase"])].append(r)
+        groups[(r["family"], r["param_bytes"], r["ranks"], r["mode"], r["phase"],
+                r.get("budget_bytes") or 0)].append(r)
     out = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[4], k[3], k[2])):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[5], k[4], k[3], k[2])):
         rs = groups[key]
         peaks = [r["peak_bytes"] for r in rs if r["peak_bytes"] is not None]
         status = "OOM" if any(r["oom"] for r in rs) else ("ok" if all(r["status"] == "ok" for r in rs)
@@ -52,7 +53,7 @@ def _summary(rows):
         gather = [r["gather_seconds"] for r in rs if r["gather_seconds"] is not None]
         out.append({
             "family": key[0], "param_bytes": key[1], "ranks": key[2], "mode": key[3], "phase": key[4],
-            "peak_bytes": peak, "ideal_bytes": ideal, "ratio": None if peak is None else peak / ideal,
+            "budget_bytes": key[5] or None, "peak_bytes": peak, "ideal_bytes": ideal, "ratio": None if peak is None else peak / ideal,
             "status": status, "init_seconds": max(init) if init else None,
             "gather_seconds": max(gather) if gather else None,
         })
@@ -61,13 +62,13 @@ def _summary(rows):
 
 def table(rows) -> str:
     """The scaling table: per-rank peak (worst rank), its ratio to the ideal, times, status."""
-    head = ("family", "params MiB", "N", "mode", "phase", "peak/rank MiB", "ideal MiB", "ratio",
-            "init s", "gather s", "status")
+    head = ("family", "params MiB", "N", "mode", "phase", "budget MiB", "peak/rank MiB", "ideal MiB",
+            "ratio", "init s", "gather s", "status")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for s in _summary(rows):
         lines.append(" | ".join([
             s["family"], _mib(s["param_bytes"]), str(s["ranks"]), s["mode"], s["phase"],
-            _mib(s["peak_bytes"]), _mib(s["ideal_bytes"]),
+            _mib(s["budget_bytes"]), _mib(s["peak_bytes"]), _mib(s["ideal_bytes"]),
             "-" if s["ratio"] is None else f"{s['ratio']:.3f}",
             "-" if s["init_seconds"] is None else f"{s['init_seconds']:.2f}",
             "-" if s["gather_seconds"] is None else f"{s['gather_seconds']:.2f}",
@@ -90,7 +91,8 @@ def write_report(path, meta_: dict, rows, plots=()) -> None:
         f"{'none' if not budget else _mib(budget) + ' MiB'}.", "",
         "Per-rank peak = the worst rank's peak of live bytes (PeakMeter: CPU allocator-level "
         "tracker, or CUDA allocator peak). Ideal = P/N for a build, 2P/N (gradients + momentum) "
-        "for a train step. OOM = the allocator refused under the budget.", "",
+        "for a train step. Rows with a budget ran under that per-rank allocation limit; OOM = the "
+        "allocator refused under it. Plots draw unbudgeted peaks and budgeted OOMs (at y = P).", "",
         table(rows), "",
     ]
     for p in plots:
@@ -103,6 +105,25 @@ _STYLE = {"sharded": ("tab:blue", "o"), "unsharded": ("tab:red", "s"),
           "naive": ("tab:orange", "^"), "keras-native": ("tab:green", "D")}
 
 
+def _plot_points(summary):
+    """(measured, ooms): per (family, size, N, mode) the build peak measured without a budget
+    (a budgeted run where there is no other), and the keys whose budgeted run ran out of memory."""
+    measured, ooms = {}, set()
+    for s in summary:
+        key = (s["family"], s["param_bytes"], s["ranks"], s["mode"])
+        if s["status"] == "OOM":
+            ooms.add(key)
+        elif s["peak_bytes"] is not None and (key not in measured or not s["budget_bytes"]):
+            measured[key] = s["peak_bytes"]
+    return measured, ooms
+
+
+def _oom_marks(ax, xs, ys, color, alpha, label):
+    if xs:
+        ax.plot(xs, ys, marker="x", color=color, alpha=alpha, markersize=12, mew=3, linestyle="none",
+                label=label)
+
+
 def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
     """scaling_vs_ranks.png (log-log, with ideal P/N) and scaling_vs_size.png (with the budget)."""
     import matplotlib
@@ -110,52 +131,45 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = [s for s in _summary(rows) if s["phase"] == "build"]
-    families = sorted({s["family"] for s in summary})
+    measured, ooms = _plot_points([s for s in _summary(rows) if s["phase"] == "build"])
+    keys = set(measured) | ooms
+    families = sorted({k[0] for k in keys})
     paths = []
 
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
     for ax, fam in zip(axes[0], families):
-        sizes = sorted({s["param_bytes"] for s in summary if s["family"] == fam})
-        all_ranks = sorted({s["ranks"] for s in summary if s["family"] == fam})
+        sizes = sorted({k[1] for k in keys if k[0] == fam})
+        all_ranks = sorted({k[2] for k in keys if k[0] == fam})
         for j, size in enumerate(sizes):
-            sel = [s for s in summary if s["family"] == fam and s["param_bytes"] == size]
             alpha = 0.4 + 0.6 * (j + 1) / len(sizes)
-            ranks = sorted({s["ranks"] for s in sel})
+            ranks = sorted({k[2] for k in keys if k[:2] == (fam, size)})
             ax.plot(ranks, [size / n / MiB for n in ranks], "k--", alpha=alpha, lw=1,
                     label="ideal P/N" if j == len(sizes) - 1 else None)
-            for mode in sorted({s["mode"] for s in sel}):
+            for mode in sorted({k[3] for k in keys if k[:2] == (fam, size)}):
                 color, marker = _STYLE.get(mode, ("gray", "x"))
-                pts = sorted((s["ranks"], s["peak_bytes"]) for s in sel if s["mode"] == mode)
-                ok = [(n, p / MiB) for n, p in pts if p is not None]
+                ok = [(n, measured[(fam, size, n, mode)] / MiB) for n in ranks if (fam, size, n, mode) in measured]
                 if ok:
-                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha,
-                            label=f"{mode} {size / MiB:.0f} MiB")
-                oom = [n for n, p in pts if p is None]
-                if oom:
-                    ax.plot(oom, [size / MiB] * len(oom), marker="x", color=color, alpha=alpha,
-                            markersize=12, mew=3, linestyle="none",
-                            label=f"{mode} {size / MiB:.0f} MiB: OOM")
-        _finish_axes(ax, budget_bytes, "ranks N", f"{fam}: per-rank build peak vs N (OOM drawn at P)")
+                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, label=f"{mode} {size / MiB:.0f} MiB")
+                oom = [n for n in ranks if (fam, size, n, mode) in ooms]
+                _oom_marks(ax, oom, [size / MiB] * len(oom), color, alpha,
+                           f"{mode} {size / MiB:.0f} MiB: OOM under budget")
+        _finish_axes(ax, budget_bytes, "ranks N", f"{fam}: per-rank build peak vs N")
         ax.set_xticks(all_ranks, [str(n) for n in all_ranks])
     paths.append(_save(fig, out_dir, "scaling_vs_ranks.png"))
 
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
     for ax, fam in zip(axes[0], families):
-        sel = [s for s in summary if s["family"] == fam]
-        for mode in sorted({s["mode"] for s in sel}):
+        for mode in sorted({k[3] for k in keys if k[0] == fam}):
             color, marker = _STYLE.get(mode, ("gray", "x"))
-            for j, n in enumerate(sorted({s["ranks"] for s in sel if s["mode"] == mode})):
-                pts = sorted((s["param_bytes"], s["peak_bytes"]) for s in sel if s["mode"] == mode and s["ranks"] == n)
-                ok = [(p / MiB, v / MiB) for p, v in pts if v is not None]
+            for j, n in enumerate(sorted({k[2] for k in keys if k[0] == fam and k[3] == mode})):
                 alpha = 1.0 - 0.25 * j
+                sizes = sorted({k[1] for k in keys if k[0] == fam and k[2] == n and k[3] == mode})
+                ok = [(p / MiB, measured[(fam, p, n, mode)] / MiB) for p in sizes if (fam, p, n, mode) in measured]
                 if ok:
                     ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, label=f"{mode} N={n}")
-                oom = [p / MiB for p, v in pts if v is None]
-                if oom:
-                    ax.plot(oom, oom, marker="x", color=color, alpha=alpha, markersize=12, mew=3,
-                            linestyle="none", label=f"{mode} N={n}: OOM")
-        _finish_axes(ax, budget_bytes, "model parameters (MiB)", f"{fam}: per-rank peak vs model size")
+                oom = [p / MiB for p in sizes if (fam, p, n, mode) in ooms]
+                _oom_marks(ax, oom, oom, color, alpha, f"{mode} N={n}: OOM under budget")
+        _finish_axes(ax, budget_bytes, "model parameters (MiB)", f"{fam}: per-rank build peak vs model size")
     paths.append(_save(fig, out_dir, "scaling_vs_size.png"))
     return paths
 
