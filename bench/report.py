@@ -103,6 +103,9 @@ def write_report(path, meta_: dict, rows, plots=()) -> None:
 
 _STYLE = {"sharded": ("tab:blue", "o"), "unsharded": ("tab:red", "s"),
           "naive": ("tab:orange", "^"), "keras-native": ("tab:green", "D")}
+# Peers often coincide (naive and keras-native both build each variable whole): dashes keep
+# every line visible where they overlap.
+_LINE = {"naive": (0, (6, 3)), "keras-native": (0, (1, 2))}
 
 
 def _plot_points(summary):
@@ -136,7 +139,7 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
     families = sorted({k[0] for k in keys})
     paths = []
 
-    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(7 * len(families), 6.5), squeeze=False)
     for ax, fam in zip(axes[0], families):
         sizes = sorted({k[1] for k in keys if k[0] == fam})
         all_ranks = sorted({k[2] for k in keys if k[0] == fam})
@@ -149,7 +152,8 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
                 color, marker = _STYLE.get(mode, ("gray", "x"))
                 ok = [(n, measured[(fam, size, n, mode)] / MiB) for n in ranks if (fam, size, n, mode) in measured]
                 if ok:
-                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, label=f"{mode} {size / MiB:.0f} MiB")
+                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, linestyle=_LINE.get(mode, "-"),
+                            label=f"{mode} {size / MiB:.0f} MiB")
                 oom = [n for n in ranks if (fam, size, n, mode) in ooms]
                 _oom_marks(ax, oom, [size / MiB] * len(oom), color, alpha,
                            f"{mode} {size / MiB:.0f} MiB: OOM under budget")
@@ -157,7 +161,7 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
         ax.set_xticks(all_ranks, [str(n) for n in all_ranks])
     paths.append(_save(fig, out_dir, "scaling_vs_ranks.png"))
 
-    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(7 * len(families), 6.5), squeeze=False)
     for ax, fam in zip(axes[0], families):
         for mode in sorted({k[3] for k in keys if k[0] == fam}):
             color, marker = _STYLE.get(mode, ("gray", "x"))
@@ -166,7 +170,8 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
                 sizes = sorted({k[1] for k in keys if k[0] == fam and k[2] == n and k[3] == mode})
                 ok = [(p / MiB, measured[(fam, p, n, mode)] / MiB) for p in sizes if (fam, p, n, mode) in measured]
                 if ok:
-                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, label=f"{mode} N={n}")
+                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, linestyle=_LINE.get(mode, "-"),
+                            label=f"{mode} N={n}")
                 oom = [p / MiB for p in sizes if (fam, p, n, mode) in ooms]
                 _oom_marks(ax, oom, oom, color, alpha, f"{mode} N={n}: OOM under budget")
         _finish_axes(ax, budget_bytes, "model parameters (MiB)", f"{fam}: per-rank build peak vs model size")
@@ -183,7 +188,7 @@ def _finish_axes(ax, budget_bytes, xlabel, title):
     ax.set_ylabel("per-rank build peak (MiB)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
 
 
 def _save(fig, out_dir, name) -> str:

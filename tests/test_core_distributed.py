@@ -105,10 +105,9 @@ def test_mesh_size_different_from_world_size_is_refused(world):
         assert msg is not None and "world size" in msg and "'w'" in msg
 
 
+@pytest.mark.parametrize("world", [4], indirect=True, ids=["N4"])
 def test_2x2_mesh_dims_on_different_axes_and_one_dim_on_both(world):
     n, values = world
-    if n != 4:
-        pytest.skip("the 2x2 mesh needs 4 ranks")
     rows_per_rank = []
     for value in values:
         cases = value["mesh2x2"]
