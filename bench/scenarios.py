@@ -54,7 +54,8 @@ def _distribution(scenario: Scenario):
     from bench.families import layout_map
 
     if scenario.mode == "unsharded":
-        return None  # stock Keras: no hook, no distribution
+        keras.distribution.set_distribution(None)  # stock Keras (a torchrun rank runs many scenarios)
+        return None
     if scenario.mode == "keras-native":
         if ".dev" not in keras.__version__:
             raise RuntimeError(

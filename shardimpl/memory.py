@@ -36,7 +36,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
-__all__ = ["PeakMeter", "MemoryResult", "budget", "is_oom", "warm_thread_pools", "OOM_MARKERS"]
+__all__ = ["PeakMeter", "MemoryResult", "budget", "is_oom", "warm_thread_pools", "prefer_mmap", "OOM_MARKERS"]
 
 
 @dataclass(frozen=True)
@@ -286,6 +286,21 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
-def malloc_env() -> dict:
-    """Environment for ranks whose RSS should drop when tensors are freed."""
-    return {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+def prefer_mmap(threshold: int = 131072) -> bool:
+    """Make glibc serve allocations >= ``threshold`` bytes with mmap, from now on, in this process.
+
+    Freed large blocks then go back to the OS at once, so RSS and VmData follow
+    live memory and a `budget` bites on every large allocation (a heap grown by
+    earlier work would otherwise serve it without growing VmData). The same as
+    starting the process with ``MALLOC_MMAP_THRESHOLD_``; returns False where
+    glibc's ``mallopt`` is not available.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
