@@ -123,6 +123,22 @@ def torch_trainer_class():
     return getattr(trainer, "TorchTrainer", None) or trainer.Trainer
 
 
+def _make_validate_axes(original):
+    """Let a TensorLayout entry name several mesh axes, e.g. ``(("batch", "model"), None)``."""
+
+    def _validate_axes(self):
+        if self._device_mesh:
+            valid = set(self._device_mesh.axis_names)
+            named = {a for e in self._axes if e is not None for a in ((e,) if isinstance(e, str) else e)}
+            if named - valid:
+                raise ValueError(
+                    f"Invalid axis names for Layout. Valid axis names: {valid}, Got {named - valid}. "
+                    "Each entry is None, a mesh axis name, or a tuple of mesh axis names."
+                )
+
+    return _validate_axes
+
+
 def _creation_patches():
     from keras.src import backend as keras_backend_pkg
     from keras.src.distribution import distribution_lib as keras_dist
@@ -136,6 +152,7 @@ def _creation_patches():
         (keras_backend_pkg, "distribution_lib", lambda _: keras_backend),
         (core.Variable, "_initialize_with_initializer", _make_initialize_with_initializer),
         (core.Variable, "_initialize", _make_initialize),
+        (keras_dist.TensorLayout, "_validate_axes", _make_validate_axes),
     ]
 
 
