@@ -81,8 +81,14 @@ def build_model(family: str, param_bytes: int):
     return keras.Model(tokens, x, name="transformer")
 
 
-def layout_map(family: str, mesh):
-    """A LayoutMap that shards every large variable of ``family`` over the "model" axis."""
+def layout_map(family: str, mesh, param_bytes: int | None = None):
+    """A LayoutMap that shards every large variable of ``family`` over the "model" axis.
+
+    Attention kernels are split by heads when the heads divide evenly over the
+    "model" axis (each rank then computes whole heads, and their gradients stay
+    sharded); otherwise (heads run out before ranks: 256 heads on 1024 ranks, or
+    ``param_bytes`` unknown) by model width.
+    """
     import keras
 
     lm = keras.distribution.LayoutMap(mesh)
@@ -91,10 +97,15 @@ def layout_map(family: str, mesh):
         lm[r".*dense_\d+/bias"] = ("model",)
         return lm
     lm[r".*token_embedding/embeddings"] = (None, "model")
-    # Attention kernels are split on the model width, not on heads: heads run out
-    # long before ranks do (256 heads cannot be split 1024 ways).
-    lm[r".*attn/(query|key|value)/kernel"] = ("model", None, None)
-    lm[r".*attn/attention_output/kernel"] = (None, None, "model")
+    model_ranks = mesh.shape[list(mesh.axis_names).index("model")]
+    heads = dims_for(family, param_bytes)["heads"] if param_bytes else None
+    if heads and heads % model_ranks == 0:
+        lm[r".*attn/(query|key|value)/kernel"] = (None, "model", None)
+        lm[r".*attn/(query|key|value)/bias"] = ("model", None)
+        lm[r".*attn/attention_output/kernel"] = ("model", None, None)
+    else:
+        lm[r".*attn/(query|key|value)/kernel"] = ("model", None, None)
+        lm[r".*attn/attention_output/kernel"] = (None, None, "model")
     lm[r".*mlp_up/kernel"] = (None, "model")
     lm[r".*mlp_up/bias"] = ("model",)
     lm[r".*mlp_down/kernel"] = ("model", None)

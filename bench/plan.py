@@ -58,7 +58,7 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> d
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
     shardimpl.install()
     mesh = keras.distribution.DeviceMesh((ranks,), ["model"], [f"cpu:{r}" for r in range(ranks)])
-    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh)))
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, param_bytes)))
     to_torch_mesh(mesh)  # mesh and seed agreement outside the fake mode (they read real values)
     start = time.perf_counter()
     step_peak = None

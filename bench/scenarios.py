@@ -69,7 +69,7 @@ def _distribution(scenario: Scenario):
 
         use_naive_creation()
     mesh = _model_mesh(scenario.device)
-    dist_ = keras.distribution.ModelParallel(layout_map=layout_map(scenario.family, mesh))
+    dist_ = keras.distribution.ModelParallel(layout_map=layout_map(scenario.family, mesh, scenario.param_bytes))
     keras.distribution.set_distribution(dist_)
     return dist_
 

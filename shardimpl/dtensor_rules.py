@@ -5,10 +5,11 @@ does not weigh memory. For the embedding's backward that choice is a weight
 gradient that is ``Partial`` and *full-size* on every rank (then reduced), when
 the gradient could be produced already column-sharded by reduce-scattering the
 activation-sized incoming gradient instead. At 70B parameters on 8 ranks that
-is a 111 GB temporary per rank. The rule below offers only the strategies that
-keep the weight gradient no larger than its shard (plus, when the token ids
-are split over a batch axis, the batch-split one, whose Partial is the
-data-parallel sum). Registration is process-wide and
+is a 111 GB temporary per rank. The rules below offer only strategies that keep
+a weight gradient no larger than its shard: for the embedding's backward
+(plus, when the token ids are split over a batch axis, the batch-split one,
+whose Partial is the data-parallel sum), and for ``mm``/``bmm`` no Partial or
+Replicate result larger than both of its inputs. Registration is process-wide and
 cannot be undone; it changes placements, not results.
 """
 
@@ -33,6 +34,32 @@ def _embedding_backward(grad_output, indices, num_weights, padding_idx, scale_gr
     return strategies
 
 
+def _no_oversized_partial(info):
+    """Wrap a single-dim mm/bmm strategy: drop whole-tensor outputs larger than both inputs.
+
+    That case is a weight gradient (x^T @ dy, with few tokens against a wide
+    layer): a Partial result is the full weight on every rank, reduced only
+    afterwards; without the option DTensor moves the activation-sized inputs
+    instead and produces the gradient already sharded.
+    """
+    import dataclasses
+    import math
+
+    original = info.func
+
+    def func(op, args_schema, kwargs_schema):
+        strategies = original(op, args_schema, kwargs_schema)
+        a, b = (tuple(args_schema[i].shape) for i in (0, 1))
+        out_numel = math.prod(a[:-1]) * b[-1]
+        if out_numel <= max(math.prod(a), math.prod(b)):
+            return strategies
+        # Oversized result: only sharded outputs (Partial and Replicate are whole on every rank).
+        kept = [st for st in strategies if not isinstance(st[0], (Partial, Replicate))]
+        return kept or strategies
+
+    return dataclasses.replace(info, func=func)
+
+
 def register_rules() -> None:
     """Register shardimpl's memory-aware rules with DTensor (once per process)."""
     global _registered
@@ -46,6 +73,10 @@ def register_rules() -> None:
     # A built-in single-dim strategy would take precedence over a registered one.
     getattr(propagator, "op_single_dim_strategy_funcs", {}).pop(op, None)
     register_sharding(op)(_embedding_backward)
+    single = getattr(propagator, "op_single_dim_strategy_funcs", {})
+    for mm in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+        if mm in single:
+            single[mm] = _no_oversized_partial(single[mm])
     cache_clear = getattr(getattr(propagator, "propagate_op_sharding", None), "cache_clear", None)
     if cache_clear:
         cache_clear()

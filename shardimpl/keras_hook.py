@@ -64,9 +64,13 @@ def _sharded_parameter(value, trainable: bool) -> torch.nn.Parameter:
         mesh, placements = value.device_mesh, value.placements
 
         def _to_param_layout(grad):
-            if getattr(grad, "placements", placements) != placements:
-                return grad.redistribute(mesh, placements)
-            return grad
+            if getattr(grad, "placements", placements) == placements:
+                return grad
+            from shardimpl.reshard import can_reshard_p2p, reshard_p2p
+
+            if can_reshard_p2p(grad, placements):
+                return reshard_p2p(grad, placements)  # gloo's all-to-all would gather it all
+            return grad.redistribute(mesh, placements)
 
         param.register_hook(_to_param_layout)
     return param

@@ -250,6 +250,14 @@ def local_shard_bounds(shape, mesh_shape, placements, coordinate):
     return tuple(offsets), tuple(sizes)
 
 
+def mesh_ranks(mesh: DeviceMesh) -> list[int]:
+    """The mesh's global ranks in row-major order (plain ints; also under FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return [int(r) for r in mesh.mesh.reshape(-1).tolist()]
+
+
 def mesh_coordinate(mesh: DeviceMesh, rank: int | None = None) -> tuple[int, ...]:
     """This rank's (or ``rank``'s) coordinate in ``mesh``; pure lookup, no tensor ops
     (so it also runs under FakeTensorMode)."""
@@ -258,7 +266,7 @@ def mesh_coordinate(mesh: DeviceMesh, rank: int | None = None) -> tuple[int, ...
         if coord is not None:
             return tuple(int(c) for c in coord)
         rank = dist.get_rank()
-    flat = [int(r) for r in mesh.mesh.reshape(-1).tolist()]
+    flat = mesh_ranks(mesh)
     if rank not in flat:
         raise ValueError(f"rank {rank} is not in mesh {mesh}.")
     index, coord = flat.index(rank), []

@@ -247,6 +247,29 @@ def matches_dtensor_placement():
     return ok
 
 
+def reshard_cases():
+    """Shard(a) -> Shard(b) point to point: exact, and no rank holds the full tensor."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from shardimpl.reshard import reshard_p2p
+
+    mesh = shardimpl.to_torch_mesh(_mesh_1d())
+    out = {}
+    for shape in [(7, 10), (1030, 260), (3, 2), (6, 5, 4)]:
+        full = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+        for a in range(len(shape)):
+            for b in range(len(shape)):
+                if a == b:
+                    continue
+                x = distribute_tensor(full, mesh, [Shard(a)])
+                with PeakMeter("cpu") as m:
+                    y = reshard_p2p(x, (Shard(b),))
+                want = distribute_tensor(full, mesh, [Shard(b)]).to_local()
+                out[f"{shape}/{a}->{b}"] = (bool(torch.equal(y.to_local(), want)), m.result().device_peak_bytes,
+                                            math.prod(shape) * 4)
+    return out
+
+
 def everything(rows, cols):
     """The whole batch for one world: one spawn answers every core test for this N."""
     out = {
@@ -258,6 +281,7 @@ def everything(rows, cols):
         "comm": comm_counts(),
         "errors": distributed_errors(),
         "dtensor": matches_dtensor_placement(),
+        "reshard": reshard_cases(),
     }
     if dist.get_world_size() == 4:
         out["mesh2x2"] = mesh_2x2_cases()

@@ -105,6 +105,16 @@ def test_mesh_size_different_from_world_size_is_refused(world):
         assert msg is not None and "world size" in msg and "'w'" in msg
 
 
+def test_point_to_point_reshard_is_exact_and_never_holds_the_full_tensor(world):
+    n, values = world
+    for value in values:
+        for case, (exact, peak, full_bytes) in value["reshard"].items():
+            assert exact, case
+            if n > 1 and full_bytes >= 1 << 20:
+                # output shard + outgoing blocks + receive buffers: about 3 shards, never the whole.
+                assert peak <= 3.2 * full_bytes / n, (case, peak, full_bytes)
+
+
 @pytest.mark.parametrize("world", [4], indirect=True, ids=["N4"])
 def test_2x2_mesh_dims_on_different_axes_and_one_dim_on_both(world):
     n, values = world
