@@ -162,7 +162,7 @@ def gate_main(argv) -> int:
 
 def peers_main(argv) -> int:
     """`python -m bench peers [options]`: unsharded, naive, keras-native and sharded in one report."""
-    from bench import peers, report
+    from bench import peers
     from bench.scenarios import Scenario
 
     p = _parser()

@@ -25,7 +25,6 @@ allocator's own error, which `is_oom` recognises.
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import threading
 import weakref

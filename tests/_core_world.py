@@ -14,10 +14,10 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Shard
 
 import shardimpl
-from shardimpl.initializers import TILE_NUMEL, fill_local_shard, spec_from_initializer
+from shardimpl.initializers import fill_local_shard, spec_from_initializer
 from shardimpl.memory import PeakMeter
 
 DTYPES = ["float32", "float64", "bfloat16", "float16", "int64", "int32", "uint8", "bool"]

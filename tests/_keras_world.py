@@ -111,7 +111,6 @@ def _local_bytes(variables):
 
 def sharded_train(kind):
     """3 train_on_batch steps and a predict under ModelParallel; returns what to compare."""
-    import keras
 
     _set_model_parallel(kind)
     model = build(kind)
@@ -131,7 +130,6 @@ def sharded_train(kind):
 
 def reference_train(kind, initial):
     """The same model, unsharded in one process with stock Keras, from the same weights."""
-    import keras
 
     model = build(kind)
     model.set_weights(initial)
@@ -193,7 +191,6 @@ def sharded_fit_pydataset(kind):
 
 def save_sharded(kind, folder):
     """Train a step, then save weights and the whole model; report who wrote files."""
-    import keras
 
     from shardimpl import keras_saving
 

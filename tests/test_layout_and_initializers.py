@@ -8,7 +8,6 @@ from itertools import product
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import keras
 import numpy as np
 import pytest
 import torch

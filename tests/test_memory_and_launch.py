@@ -74,7 +74,7 @@ def test_meter_sees_dtensor_local_storage():
 
     layout = TensorLayout((None, "model"), DeviceMesh((1,), ["model"], ["cpu:0"]))
     with PeakMeter("cpu") as m:
-        v = shardimpl.distribute_variable(torch.zeros(0), TensorLayout(("model",), layout.device_mesh))
+        shardimpl.distribute_variable(torch.zeros(0), TensorLayout(("model",), layout.device_mesh))  # empty: no bytes
         w = shardimpl.distribute_variable("zeros", layout, shape=(1024, 1024), dtype="float32")
     assert isinstance(w, DTensor)
     assert _within(m.result().device_peak_bytes, 4 * MiB)
