@@ -1,17 +1,19 @@
-"""The Keras hook: make `keras.distribution` drive shardimpl's creation path on torch.
+"""The Keras hook: make `keras.distribution` drive shardimpl on Keras' torch backend.
 
-`install()` does two things, both undone by `uninstall()`:
+`install()` patches, and `uninstall()` restores:
 
-* gives Keras' distribution API a torch backend (`shardimpl.keras_backend`),
-  so `list_devices`, `initialize`, `DeviceMesh`, `LayoutMap`, `ModelParallel`
-  and `distribute_tensor` work;
-* routes the torch backend's variable creation through
-  `shardimpl.distribute_variable` whenever a distribution is set: the variable's
+* Keras' distribution backend (`shardimpl.keras_backend`): `list_devices`,
+  `initialize`, `DeviceMesh`, `LayoutMap`, `ModelParallel`, `distribute_tensor`;
+* variable creation (this module): under a distribution each variable's
   layout comes from `distribution.get_variable_layout(variable)` (the
   LayoutMap, or replicated when unmatched) and its value is a DTensor holding
-  only this rank's shard. With no distribution set Keras is untouched.
+  only this rank's shard, made by `shardimpl.distribute_variable`;
+* the trainer's steps and data loading (`shardimpl.keras_steps`);
+* array conversion, assignment and saving (`shardimpl.keras_saving`).
 
-Supported: keras 3.15.x and keras-nightly 3.16.dev; other versions are refused.
+It also registers shardimpl's DTensor sharding rules (`shardimpl.dtensor_rules`),
+which stay. With no distribution set Keras behaves as stock. Supported: keras
+3.15.x and keras-nightly 3.16.dev; other versions are refused.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def install() -> None:
     register_rules()
 
     for owner, name, factory in _creation_patches() + keras_steps.patches() + keras_saving.patches():
-        original = owner.__dict__.get(name, getattr(owner, name, None)) if isinstance(owner, type) else getattr(owner, name, None)
+        original = getattr(owner, name, None)
         _saved[(id(owner), name)] = (owner, name, name in vars(owner), original)
         setattr(owner, name, factory(original))
 
