@@ -155,6 +155,20 @@ def _wrap_get_data_adapter(original):
     return get_data_adapter
 
 
+def _wrap_initialize_ddp(original):
+    """keras-nightly wraps DataParallel models in DistributedDataParallel; shardimpl's
+    variables are DTensors whose gradients are already reduced to their layout, so
+    DDP (which cannot take DTensor parameters) is skipped under a distribution."""
+
+    @functools.wraps(original)
+    def _initialize_ddp(self, *args, **kwargs):
+        if _distribution() is not None:
+            return None
+        return original(self, *args, **kwargs)
+
+    return _initialize_ddp
+
+
 def patches():
     """(owner, attribute, wrapper factory) for `shardimpl.keras_hook.install`."""
     from keras.src.trainers import data_adapters
@@ -165,4 +179,6 @@ def patches():
     out = [(cls, name, _wrap_step) for name in ("train_step", "test_step", "predict_step")]
     out += [(cls, name, _wrap_loop) for name in ("fit", "evaluate", "predict")]
     out.append((data_adapters, "get_data_adapter", _wrap_get_data_adapter))
+    if hasattr(cls, "_initialize_ddp"):  # keras-nightly 3.16
+        out.append((cls, "_initialize_ddp", _wrap_initialize_ddp))
     return out

@@ -169,6 +169,27 @@ def sharded_fit(kind, mesh_shape=None, epochs=2):
             "shuffled_loss": shuffled.history["loss"], "evaluate": float(evaluated)}
 
 
+def data_parallel_fit(kind):
+    """DataParallel: variables replicated, every global batch split across the ranks."""
+    import keras
+
+    import shardimpl
+    from shardimpl.keras_steps import data_axis
+
+    shardimpl.install()
+    dist = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+    keras.distribution.set_distribution(dist)
+    model = build(kind)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    initial = model.get_weights()
+    x, y = _data(kind)
+    hist = model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    replicated = all(len(v.value.to_local().shape) == len(v.shape) and tuple(v.value.to_local().shape) == tuple(v.shape)
+                     for v in model.weights)
+    return {"initial": initial, "loss": hist.history["loss"], "weights": model.get_weights(),
+            "data_axis": data_axis(dist), "replicated": replicated}
+
+
 def sharded_fit_pydataset(kind):
     """fit and predict on a keras.utils.PyDataset with a model-only mesh."""
     import keras

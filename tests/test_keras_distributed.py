@@ -93,6 +93,15 @@ def test_fit_on_a_2x2_batch_model_mesh_splits_batches_and_matches_unsharded():
         _same_weights(v["weights"], values[0]["weights"])
 
 
+def test_data_parallel_replicates_variables_splits_batches_and_matches_unsharded():
+    values = _ok(launch.run(_keras_world.data_parallel_fit, 2, "mlp", timeout=240))
+    ref = _ok(launch.run(_keras_world.reference_fit, 1, "mlp", values[0]["initial"], timeout=240))[0]
+    for v in values:
+        assert v["data_axis"] == "batch" and v["replicated"]
+        assert _rel(v["loss"], ref["loss"]) <= RTOL, (v["loss"], ref["loss"])
+        _same_weights(v["weights"], values[0]["weights"])
+
+
 def test_fit_on_a_pydataset_with_a_model_only_mesh():
     values = _ok(launch.run(_keras_world.sharded_fit_pydataset, 2, "mlp", timeout=240))
     assert values[0]["loss"] == values[1]["loss"]
