@@ -139,9 +139,22 @@ def run_main(args) -> int:
             args.ranks = (world,)  # under torchrun the world is torchrun's: every scenario uses it
         args.quiet = args.quiet or rank != 0
     rows, _ = collect_rows(args, budget)
-    if rank not in (None, 0):
-        return 0 if all(r["status"] not in ("error", "timeout") for r in rows) else 1
-    return write_all(args, rows, budget)
+    if rank is None:
+        return write_all(args, rows, budget)
+    status = write_all(args, rows, budget) if rank == 0 else int(
+        any(r["status"] in ("error", "timeout") for r in rows))
+    _leave_torchrun_world()
+    return status
+
+
+def _leave_torchrun_world() -> None:
+    """Tear the process group down before exit: a live gloo group at interpreter exit can
+    abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def gate_main(argv) -> int:

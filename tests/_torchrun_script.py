@@ -37,6 +37,7 @@ def main(out):
             json.dump({"devices": devices, "loss": loss, "rows": [r.as_dict() for r in rows],
                        "local": local}, f)
     dist.barrier()
+    dist.destroy_process_group()  # a live gloo group at interpreter exit can abort the process
 
 
 if __name__ == "__main__":
