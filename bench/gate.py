@@ -60,12 +60,13 @@ def _regress_creation_path():
     Used only by the test that proves the gate can fail.
     """
     from shardimpl import create
+    from shardimpl.layout import shard_slices
 
     original = create.fill_local_shard
 
     def full_then_slice(spec, full_shape, offsets, sizes, *, dtype, device):
         full = original(spec, full_shape, (0,) * len(full_shape), full_shape, dtype=dtype, device=device)
-        return full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))].clone()
+        return full[shard_slices(offsets, sizes)].clone()
 
     create.fill_local_shard = full_then_slice
 

@@ -34,6 +34,7 @@ from shardimpl.layout import (
     local_shard_bounds,
     mesh_coordinate,
     resolve_layout,
+    shard_slices,
 )
 from shardimpl.seeds import mix_seed, next_seed
 
@@ -64,10 +65,6 @@ def _contiguous_strides(shape):
         strides.append(acc)
         acc *= max(int(s), 1)
     return tuple(reversed(strides))
-
-
-def _slices(offsets, sizes):
-    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
 
 
 def _is_initializer(value) -> bool:
@@ -134,13 +131,13 @@ def _resolve_value(value, shape, dtype, name):
 
 def _local_from_tensor(value, offsets, sizes, dtype, device) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        piece = np.ascontiguousarray(value[_slices(offsets, sizes)])
+        piece = np.ascontiguousarray(value[shard_slices(offsets, sizes)])
         return torch.from_numpy(piece).to(device=device, dtype=dtype)
     if value.device.type == "meta":
         # A meta value carries no data: allocate the shard uninitialized, as
         # `Module.to_empty` does; the caller fills it (e.g. set_weights).
         return torch.empty(tuple(sizes), dtype=dtype, device=device)
-    piece = value.detach()[_slices(offsets, sizes)]
+    piece = value.detach()[shard_slices(offsets, sizes)]
     return piece.to(device=device, dtype=dtype, copy=True).contiguous()
 
 
@@ -180,7 +177,7 @@ def distribute_variable(value, layout, *, shape=None, dtype=None, name=None) -> 
             path = "shard-local"
         else:
             full = _fallback_full(payload, full_shape, tdtype, name)
-            local = full[_slices(offsets, sizes)].to(device=device, copy=True).contiguous()
+            local = full[shard_slices(offsets, sizes)].to(device=device, copy=True).contiguous()
             del full
             path = "fallback"
     if path == "shard-local" and not any(isinstance(p, Shard) for p in tl.placements):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from shardimpl.layout import local_shard_bounds
+from shardimpl.layout import local_shard_bounds, shard_slices
 
 __all__ = ["all_gather_variable", "shard_owners"]
 
@@ -42,10 +42,6 @@ def shard_owners(shape, mesh_shape, placements, ranks):
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view, so every dtype (bool, bfloat16, complex) travels over gloo and NCCL."""
     return t.reshape(-1).view(torch.uint8)
-
-
-def _slices(offsets, sizes):
-    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
 
 
 def all_gather_variable(x, *, device="cpu", dst=None, name=None):
@@ -79,7 +75,7 @@ def all_gather_variable(x, *, device="cpu", dst=None, name=None):
     owners = shard_owners(shape, tuple(mesh.shape), x.placements, mesh.mesh)
     local = local.contiguous()
     for src, offsets, sizes in owners:
-        target = out[_slices(offsets, sizes)] if receiver else None
+        target = out[shard_slices(offsets, sizes)] if receiver else None
         if dst is None:
             buf = local if src == rank else torch.empty(sizes, dtype=dtype, device=local.device)
             dist.broadcast(_as_bytes(buf), src=src)

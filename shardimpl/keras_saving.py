@@ -90,7 +90,7 @@ def _wrap_direct_assign(original):
             with torch.no_grad():
                 target.copy_(value.detach())
             return
-        from shardimpl.layout import local_shard_bounds, mesh_coordinate
+        from shardimpl.layout import local_shard_bounds, mesh_coordinate, shard_slices
 
         full = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
         if tuple(full.shape) != tuple(target.shape):
@@ -101,7 +101,7 @@ def _wrap_direct_assign(original):
         mesh = target.device_mesh
         offsets, sizes = local_shard_bounds(tuple(target.shape), tuple(mesh.shape), target.placements,
                                             mesh_coordinate(mesh))
-        piece = full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+        piece = full[shard_slices(offsets, sizes)]
         with torch.no_grad():
             target.to_local().copy_(piece)
 

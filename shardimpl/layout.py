@@ -250,6 +250,11 @@ def local_shard_bounds(shape, mesh_shape, placements, coordinate):
     return tuple(offsets), tuple(sizes)
 
 
+def shard_slices(offsets, sizes) -> tuple:
+    """The index of a shard: ``full[shard_slices(offsets, sizes)]`` is that shard's view."""
+    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+
+
 def mesh_ranks(mesh: DeviceMesh) -> list[int]:
     """The mesh's global ranks in row-major order (plain ints; also under FakeTensorMode)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
