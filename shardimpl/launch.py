@@ -114,6 +114,9 @@ def _rank_main(rank, world, init_file, backend, device, timeout, in_q, out_q):
 
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    from shardimpl.memory import prefer_mmap
+
+    prefer_mmap()  # freed memory leaves the rank, so budgets bite even if the env var came too late
     if "OMP_NUM_THREADS" not in os.environ:
         # Ranks share the machine's cores: N ranks x all cores each oversubscribes them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
