@@ -200,7 +200,7 @@ def peers_main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    from shardimpl.memory import prefer_mmap
+    from shardimpl.budgets import prefer_mmap
 
     prefer_mmap()  # under torchrun this process runs many scenarios: freed memory must leave
     argv = list(sys.argv[1:] if argv is None else argv)

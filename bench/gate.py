@@ -75,7 +75,8 @@ def _gate_rank(mode: str, budget_bytes, device: str, regress: bool) -> dict:
     import keras
 
     import shardimpl
-    from shardimpl.memory import PeakMeter, budget, is_oom, warm_thread_pools
+    from shardimpl.budgets import budget, is_oom, warm_thread_pools
+    from shardimpl.meters import PeakMeter
 
     if mode == "sharded":
         shardimpl.install()

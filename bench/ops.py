@@ -33,7 +33,7 @@ def _layout(device: str):
 def distribute_once(size_mib: int, device: str = "cpu") -> dict:
     """Create a sharded GlorotUniform kernel of ``size_mib`` MiB; returns peak and shard bytes."""
     import shardimpl
-    from shardimpl.memory import PeakMeter
+    from shardimpl.meters import PeakMeter
 
     layout = _layout(device)
     _cache.pop("var", None)
@@ -50,7 +50,7 @@ def gather_once(size_mib: int, device: str = "cpu") -> dict:
     import torch.distributed as dist
 
     import shardimpl
-    from shardimpl.memory import PeakMeter
+    from shardimpl.meters import PeakMeter
 
     v = _cache.get("var")
     if v is None or tuple(v.shape) != variable_shape(size_mib):

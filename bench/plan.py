@@ -52,8 +52,8 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> d
     import shardimpl
     from bench.families import build_model, exact_param_bytes, layout_map, sample_batch
     from bench.scenarios import _train_step
-    from shardimpl.layout import to_torch_mesh
-    from shardimpl.memory import PeakMeter
+    from shardimpl.mesh import to_torch_mesh
+    from shardimpl.meters import PeakMeter
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
     shardimpl.install()

@@ -122,7 +122,8 @@ def measure_rank(scenario: Scenario) -> dict:
     import torch.distributed as dist
 
     from bench.families import build_model, sample_batch
-    from shardimpl.memory import PeakMeter, budget, is_oom, warm_thread_pools
+    from shardimpl.budgets import budget, is_oom, warm_thread_pools
+    from shardimpl.meters import PeakMeter
 
     device = "cpu" if scenario.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
     _distribution(scenario)

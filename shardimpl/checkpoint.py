@@ -1,6 +1,7 @@
 """Sharded checkpoints with torch.distributed.checkpoint: each rank writes only its shards.
 
-`save_sharded(model, path)` writes every model variable (and, with
+`save_sharded(model, path)` writes every model variable (``model`` is a Keras
+model, or for torch users a plain ``{name: tensor or DTensor}`` dict) (and, with
 ``optimizer=True``, the optimizer's variables) with DCP: no gather, no rank
 ever holds a full variable. The checkpoint is written to a sibling temporary
 folder and swapped into place only after every rank finished, so a rank that
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,29 @@ from torch.distributed.tensor import DTensor
 __all__ = ["save_sharded", "load_sharded", "state_dict_of"]
 
 
+class _TensorSlot:
+    """A dict entry seen as a variable (``path``, ``value``, ``assign``): torch users' state dicts."""
+
+    def __init__(self, state: dict, key: str):
+        self._state, self.path = state, key
+
+    @property
+    def value(self):
+        return self._state[self.path]
+
+    def assign(self, new) -> None:
+        self._state[self.path].copy_(new)
+
+
 def _variables(model, optimizer: bool):
+    if isinstance(model, Mapping):
+        for key, value in model.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"a state dict for save_sharded/load_sharded maps names to tensors or DTensors. "
+                    f"Received: {key!r} -> {type(value).__name__}."
+                )
+        return [_TensorSlot(model, str(key)) for key in model]
     out = list(model.weights)
     if optimizer and getattr(model, "optimizer", None) is not None:
         out += list(model.optimizer.variables)
@@ -33,7 +57,10 @@ def _variables(model, optimizer: bool):
 
 
 def state_dict_of(model, *, optimizer: bool = False) -> dict:
-    """{variable path: its torch value (a DTensor when sharded)}, the unit DCP reads and writes."""
+    """{variable path: its torch value (a DTensor when sharded)}, the unit DCP reads and writes.
+
+    ``model`` is a Keras model or a ``{name: tensor}`` dict (returned detached).
+    """
     sd = {}
     for v in _variables(model, optimizer):
         if v.path in sd:

@@ -26,16 +26,9 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-from shardimpl.initializers import fill_local_shard, spec_from_initializer
-from shardimpl.layout import (
-    TorchLayout,
-    describe_placements,
-    local_device,
-    local_shard_bounds,
-    mesh_coordinate,
-    resolve_layout,
-    shard_slices,
-)
+from shardimpl.initializers import InitSpec, fill_local_shard, spec_from_initializer
+from shardimpl.layout import TorchLayout, describe_placements, local_shard_bounds, shard_slices
+from shardimpl.mesh import local_device, mesh_coordinate, resolve_layout
 from shardimpl.seeds import mix_seed, next_seed
 
 __all__ = ["distribute_variable", "to_torch_dtype"]
@@ -67,36 +60,54 @@ def _contiguous_strides(shape):
     return tuple(reversed(strides))
 
 
+def _keras_initializers():
+    """Keras' initializers module, or None where Keras is not importable (torch-only use)."""
+    try:
+        from keras import initializers
+    except ImportError:
+        return None
+    return initializers
+
+
 def _is_initializer(value) -> bool:
-    if isinstance(value, (str, dict)):
+    if isinstance(value, (InitSpec, str, dict)):
         return True
-    from keras import initializers
-
-    return isinstance(value, initializers.Initializer) or (
-        callable(value) and not isinstance(value, (torch.Tensor, np.ndarray))
-    )
+    return callable(value) and not isinstance(value, (torch.Tensor, np.ndarray))
 
 
-def _fallback_full(init, shape, dtype: torch.dtype, name) -> torch.Tensor:
-    """Build the whole tensor once on the CPU with a seed every rank agrees on."""
-    import keras
-
+def _warn_fallback(init, shape, name) -> None:
     key = name or f"{type(init).__name__}{tuple(shape)}"
     if key not in _warned_fallback:
         _warned_fallback.add(key)
         warnings.warn(
             f"shardimpl: variable {key!r} uses {type(init).__name__}, which has no "
             "shard-local form; its full tensor is built once on the CPU, sliced and freed. "
-            "Use a built-in random initializer to avoid the full-size host allocation.",
-            stacklevel=4,
+            "Use a built-in random initializer (or a shardimpl.InitSpec) to avoid the "
+            "full-size host allocation.",
+            stacklevel=5,
         )
+
+
+def _fallback_full(init, shape, dtype: torch.dtype, name) -> torch.Tensor:
+    """Build the whole tensor once on the CPU with a seed every rank agrees on.
+
+    ``init`` is a Keras initializer (called under ``keras.device("cpu")``) or
+    any callable ``init(shape, dtype)`` returning a tensor or array.
+    """
+    _warn_fallback(init, shape, name)
     seed = next_seed()
     if getattr(init, "_init_seed", 0) is None and hasattr(init, "get_config"):
         init = type(init).from_config({**init.get_config(), "seed": seed % (2**31)})
+    keras_init = _keras_initializers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(seed))
-        with keras.device("cpu"):
-            full = init(tuple(shape), dtype=str(dtype).replace("torch.", ""))
+        if keras_init is not None and isinstance(init, keras_init.Initializer):
+            import keras
+
+            with keras.device("cpu"):
+                full = init(tuple(shape), dtype=str(dtype).replace("torch.", ""))
+        else:
+            full = init(tuple(shape), dtype)
     return torch.as_tensor(full).to("cpu", dtype)
 
 
@@ -114,8 +125,8 @@ def _resolve_value(value, shape, dtype, name):
         return "tensor", value, full_shape, tdtype
     if not _is_initializer(value):
         raise TypeError(
-            f"{where}: value must be a torch tensor, a numpy array or a Keras initializer. "
-            f"Received: {type(value).__name__}."
+            f"{where}: value must be a torch tensor, a numpy array, a shardimpl.InitSpec or "
+            f"a Keras initializer. Received: {type(value).__name__}."
         )
     if shape is None or dtype is None:
         raise ValueError(
@@ -123,10 +134,26 @@ def _resolve_value(value, shape, dtype, name):
             f"Received: shape={shape}, dtype={dtype}. Pass both, e.g. "
             "distribute_variable('glorot_uniform', layout, shape=(1024, 512), dtype='float32')."
         )
-    from keras import initializers
+    if isinstance(value, (str, dict)):
+        keras_init = _keras_initializers()
+        if keras_init is None:
+            raise TypeError(
+                f"{where}: the initializer {value!r} is a Keras name or config, but Keras is "
+                "not importable here. Install keras, or pass a torch tensor, a numpy array "
+                "or a shardimpl.InitSpec (e.g. InitSpec('normal', 0.0, 0.02, seed=1))."
+            )
+        value = keras_init.get(value)
+    return "initializer", value, tuple(int(s) for s in shape), to_torch_dtype(dtype)
 
-    init = initializers.get(value) if isinstance(value, (str, dict)) else value
-    return "initializer", init, tuple(int(s) for s in shape), to_torch_dtype(dtype)
+
+def _spec_of(init, full_shape):
+    """The shard-local form of ``init``: itself if an InitSpec, Keras' built-ins mapped, else None."""
+    if isinstance(init, InitSpec):
+        return init
+    keras_init = _keras_initializers()
+    if keras_init is None or not isinstance(init, keras_init.Initializer):
+        return None
+    return spec_from_initializer(init, full_shape)
 
 
 def _local_from_tensor(value, offsets, sizes, dtype, device) -> torch.Tensor:
@@ -146,8 +173,10 @@ def distribute_variable(value, layout, *, shape=None, dtype=None, name=None) -> 
 
     Args:
         value: a torch tensor (any device; a ``meta`` tensor gives an
-            uninitialized shard), a numpy array, or a Keras initializer
-            (instance, name or config); initializers need ``shape`` and ``dtype``.
+            uninitialized shard), a numpy array, a `shardimpl.InitSpec`, a
+            Keras initializer (instance, name or config; needs Keras), or any
+            callable ``init(shape, dtype)`` (built whole, then sliced);
+            initializers need ``shape`` and ``dtype``.
         layout: a `keras.distribution.TensorLayout` on a `DeviceMesh` whose
             devices are ``"cpu:R"``/``"gpu:R"`` with R the global rank, or a
             `shardimpl.TorchLayout`.
@@ -171,7 +200,7 @@ def distribute_variable(value, layout, *, shape=None, dtype=None, name=None) -> 
         local = _local_from_tensor(payload, offsets, sizes, tdtype, device)
         path = "slice"
     else:
-        spec = spec_from_initializer(payload, full_shape)
+        spec = _spec_of(payload, full_shape)
         if spec is not None:
             local = fill_local_shard(spec, full_shape, offsets, sizes, dtype=tdtype, device=device)
             path = "shard-local"

@@ -1,9 +1,12 @@
-"""All-gather: rebuild the full tensor of a sharded variable when it is really needed.
+"""Gather: rebuild the full tensor of a sharded variable when it is really needed.
 
-Saving and checkpoint export need full tensors; training never does. The
-gather moves one shard at a time, so besides the output a rank holds at most
-one shard-sized receive buffer on the communication device, and nothing of
-full size ever lands on an accelerator when ``device="cpu"``.
+Saving and checkpoint export need full tensors; training never does.
+`gather_variable` is a gather, not one all-gather collective: it moves one
+shard at a time (a broadcast per shard to every rank, or point-to-point to
+one ``dst``), so besides the output a rank holds at most one shard-sized
+receive buffer on the communication device, and nothing of full size ever
+lands on an accelerator when ``device="cpu"``. `all_gather_variable` is the
+same function under its first public name.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.layout import local_shard_bounds, shard_slices
 
-__all__ = ["all_gather_variable", "shard_owners"]
+__all__ = ["gather_variable", "all_gather_variable", "shard_owners"]
 
 logger = logging.getLogger("shardimpl")
 
@@ -44,7 +47,7 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def all_gather_variable(x, *, device="cpu", dst=None, name=None):
+def gather_variable(x, *, device="cpu", dst=None, name=None):
     """Return the full tensor of ``x`` on ``device`` (every rank, or only rank ``dst``).
 
     Args:
@@ -91,6 +94,10 @@ def all_gather_variable(x, *, device="cpu", dst=None, name=None):
             del buf
     _log(name, shape, dtype, device, dst, receiver)
     return out
+
+
+#: The first public name of `gather_variable` (kept: it gathers with broadcasts, not one all-gather).
+all_gather_variable = gather_variable
 
 
 def _log(name, shape, dtype, device, dst, receiver):

@@ -73,7 +73,7 @@ def _describe(exc: BaseException) -> str:
 def _call(fn, args, device, budget_bytes) -> RankResult:
     import torch.distributed as dist
 
-    from shardimpl.memory import budget, is_oom
+    from shardimpl.budgets import budget, is_oom
 
     rank = dist.get_rank()
     try:
@@ -114,7 +114,7 @@ def _rank_main(rank, world, init_file, backend, device, timeout, in_q, out_q):
 
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    from shardimpl.memory import prefer_mmap
+    from shardimpl.budgets import prefer_mmap
 
     prefer_mmap()  # freed memory leaves the rank, so budgets bite even if the env var came too late
     if "OMP_NUM_THREADS" not in os.environ:
@@ -284,7 +284,7 @@ def run(
     """Run ``fn(*args)`` on ``nprocs`` ranks and return one `RankResult` per rank, in rank order.
 
     ``fn`` must be importable (a module-level function) and its return value
-    picklable. ``budget_bytes`` puts every rank under `shardimpl.memory.budget`
+    picklable. ``budget_bytes`` puts every rank under `shardimpl.budgets.budget`
     while ``fn`` runs. ``timeout`` (seconds) bounds the whole call, start-up
     included: ranks still running then are stopped and reported as "timeout".
     """

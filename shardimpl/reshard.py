@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from shardimpl.layout import local_shard_bounds, mesh_ranks
+from shardimpl.layout import local_shard_bounds
+from shardimpl.mesh import mesh_ranks
 
 __all__ = ["can_reshard_p2p", "reshard_p2p"]
 

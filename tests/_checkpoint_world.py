@@ -36,7 +36,7 @@ def save(folder, fail_rank=None):
     from torch.distributed.checkpoint import FileSystemWriter
 
     import shardimpl
-    from shardimpl.memory import PeakMeter
+    from shardimpl.meters import PeakMeter
 
     model = _trained_model(sharded=True)
     if fail_rank is not None:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import Shard
 
 import shardimpl
 from shardimpl.initializers import fill_local_shard, spec_from_initializer
-from shardimpl.memory import PeakMeter
+from shardimpl.meters import PeakMeter
 
 DTYPES = ["float32", "float64", "bfloat16", "float16", "int64", "int32", "uint8", "bool"]
 SEEDED_INITIALIZERS = [

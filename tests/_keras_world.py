@@ -154,7 +154,7 @@ def sharded_fit(kind, mesh_shape=None, epochs=2):
     """fit on numpy arrays (model-only mesh, or a 2-D ("batch", "model") mesh)."""
     import keras
 
-    from shardimpl.keras_steps import data_axis
+    from shardimpl.keras.steps import data_axis
 
     dist = _set_model_parallel(kind, mesh_shape)
     model = build(kind)
@@ -174,7 +174,7 @@ def data_parallel_fit(kind):
     import keras
 
     import shardimpl
-    from shardimpl.keras_steps import data_axis
+    from shardimpl.keras.steps import data_axis
 
     shardimpl.install()
     dist = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
@@ -213,7 +213,7 @@ def sharded_fit_pydataset(kind):
 def save_sharded(kind, folder):
     """Train a step, then save weights and the whole model; report who wrote files."""
 
-    from shardimpl import keras_saving
+    from shardimpl.keras import saving as keras_saving
 
     _set_model_parallel(kind)
     model = build(kind)

@@ -17,7 +17,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 import shardimpl
 from shardimpl.initializers import TILE_NUMEL, fill_local_shard, spec_from_initializer, tile_shape
-from shardimpl.layout import _axes_to_placements, local_shard_bounds
+from shardimpl.layout import axes_to_placements, local_shard_bounds
 
 
 def _nested_chunk(full, mesh_shape, placements, coord):
@@ -59,10 +59,10 @@ def test_local_shard_bounds_match_nested_torch_chunk(shape, mesh_shape, placemen
 
 def test_axes_to_placements_puts_each_dim_on_its_mesh_axis():
     names = ["batch", "model"]
-    assert _axes_to_placements((None, "model"), names, 2, "w") == (Replicate(), Shard(1))
-    assert _axes_to_placements(("model", "batch"), names, 2, "w") == (Shard(1), Shard(0))
-    assert _axes_to_placements((("batch", "model"), None), names, 2, "w") == (Shard(0), Shard(0))
-    assert _axes_to_placements((None, None), names, 2, "w") == (Replicate(), Replicate())
+    assert axes_to_placements((None, "model"), names, 2, "w") == (Replicate(), Shard(1))
+    assert axes_to_placements(("model", "batch"), names, 2, "w") == (Shard(1), Shard(0))
+    assert axes_to_placements((("batch", "model"), None), names, 2, "w") == (Shard(0), Shard(0))
+    assert axes_to_placements((None, None), names, 2, "w") == (Replicate(), Replicate())
 
 
 def test_tile_grid_depends_only_on_shape():
@@ -187,7 +187,7 @@ def test_debug_log_has_one_line_per_variable_and_is_silent_by_default(caplog):
 
 
 def test_unknown_mesh_axis_is_refused():
-    from shardimpl.layout import resolve_layout
+    from shardimpl.mesh import resolve_layout
 
     mesh = DeviceMesh((1,), ["model"], ["cpu:0"])
     layout = TensorLayout((None, None))

@@ -3,7 +3,8 @@
 Keras' distribution API (`keras.distribution.list_devices`, `initialize`,
 `DeviceMesh.backend_mesh`, `TensorLayout.backend_layout`, `distribute_tensor`)
 calls a backend module with these names; keras 3.15's torch backend has none.
-`shardimpl.install()` puts this module in its place. Devices are named
+`shardimpl.install()` puts this module in its place, and lets a TensorLayout
+entry name several mesh axes (`wrap_validate_axes`). Devices are named
 ``"cpu:R"`` / ``"gpu:R"`` with R the global rank: one device per process.
 """
 
@@ -16,7 +17,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from shardimpl.create import distribute_variable as _distribute_variable
-from shardimpl.layout import TorchLayout, local_device, resolve_layout, to_torch_mesh
+from shardimpl.layout import TorchLayout, axes_to_placements
+from shardimpl.mesh import local_device, resolve_layout, to_torch_mesh
 
 __all__ = [
     "list_devices", "get_device_count", "initialize", "num_processes", "process_id",
@@ -97,9 +99,7 @@ def _to_backend_layout(tensor_layout):
             f"Received: {tensor_layout}. Set TensorLayout(axes, device_mesh)."
         )
     mesh = to_torch_mesh(tensor_layout.device_mesh)
-    from shardimpl.layout import _axes_to_placements
-
-    placements = _axes_to_placements(
+    placements = axes_to_placements(
         tensor_layout.axes, list(tensor_layout.device_mesh.axis_names), len(tensor_layout.axes),
         f"layout {tensor_layout}",
     )
@@ -131,3 +131,19 @@ def distribute_data_input(per_process_batch, layout, batch_dim_name):
     tl = resolve_layout(layout, tuple(per_process_batch.shape))
     local = torch.as_tensor(per_process_batch).to(local_device(tl.mesh))
     return DTensor.from_local(local, tl.mesh, tl.placements, run_check=False)
+
+
+def wrap_validate_axes(original):
+    """Let a TensorLayout entry name several mesh axes, e.g. ``(("batch", "model"), None)``."""
+
+    def _validate_axes(self):
+        if self._device_mesh:
+            valid = set(self._device_mesh.axis_names)
+            named = {a for e in self._axes if e is not None for a in ((e,) if isinstance(e, str) else e)}
+            if named - valid:
+                raise ValueError(
+                    f"Invalid axis names for Layout. Valid axis names: {valid}, Got {named - valid}. "
+                    "Each entry is None, a mesh axis name, or a tuple of mesh axis names."
+                )
+
+    return _validate_axes

@@ -1,4 +1,4 @@
-"""DTensor sharding rules that keep gradients sharded (registered by `shardimpl.install()`).
+"""DTensor sharding rules that keep gradients sharded (active only while shardimpl is installed).
 
 DTensor picks, per op, the placement strategy with the least communication; it
 does not weigh memory. For the embedding's backward that choice is a weight
@@ -9,18 +9,20 @@ is a 111 GB temporary per rank. The rules below offer only strategies that keep
 a weight gradient no larger than its shard: for the embedding's backward
 (plus, when the token ids are split over a batch axis, the batch-split one,
 whose Partial is the data-parallel sum), and for ``mm``/``bmm`` no Partial or
-Replicate result larger than both of its inputs. Registration is process-wide and
-cannot be undone; it changes placements, not results.
+Replicate result larger than both of its inputs. They change placements, not
+results. `shardimpl.install()` writes them into DTensor's sharding-strategy
+tables (rows of `shardimpl.keras.patches.patch_table`) and `uninstall()` puts
+every table entry back as it was.
 """
 
 from __future__ import annotations
 
-import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-__all__ = ["register_rules"]
-
-_registered = False
+__all__ = [
+    "propagator", "strategy_tables", "clear_sharding_cache",
+    "install_embedding_backward_rule", "install_no_oversized_mm_rule",
+]
 
 
 def _embedding_backward(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
@@ -60,24 +62,37 @@ def _no_oversized_partial(info):
     return dataclasses.replace(info, func=func)
 
 
-def register_rules() -> None:
-    """Register shardimpl's memory-aware rules with DTensor (once per process)."""
-    global _registered
-    if _registered:
-        return
+def propagator():
+    """DTensor's process-wide sharding propagator (the tables the rules are written into)."""
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.experimental import register_sharding
 
-    op = torch.ops.aten.embedding_dense_backward.default
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    # A built-in single-dim strategy would take precedence over a registered one.
-    getattr(propagator, "op_single_dim_strategy_funcs", {}).pop(op, None)
-    register_sharding(op)(_embedding_backward)
-    single = getattr(propagator, "op_single_dim_strategy_funcs", {})
-    for mm in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
-        if mm in single:
-            single[mm] = _no_oversized_partial(single[mm])
-    cache_clear = getattr(getattr(propagator, "propagate_op_sharding", None), "cache_clear", None)
+    return DTensor._op_dispatcher.sharding_propagator
+
+
+def strategy_tables() -> dict:
+    """Every dict-valued table of the propagator, by attribute name (what a rule may touch)."""
+    prop = propagator()
+    return {name: table for name, table in vars(prop).items() if isinstance(table, dict)}
+
+
+def clear_sharding_cache() -> None:
+    """Forget DTensor's cached per-op decisions (made under the previous rules)."""
+    cache_clear = getattr(getattr(propagator(), "propagate_op_sharding", None), "cache_clear", None)
     if cache_clear:
         cache_clear()
-    _registered = True
+
+
+def install_embedding_backward_rule(op) -> None:
+    """``embedding_dense_backward``: offer only gradients no larger than the weight's shard."""
+    from torch.distributed.tensor.experimental import register_sharding
+
+    # A built-in single-dim strategy would take precedence over a registered one.
+    strategy_tables().get("op_single_dim_strategy_funcs", {}).pop(op, None)
+    register_sharding(op)(_embedding_backward)
+
+
+def install_no_oversized_mm_rule(op) -> None:
+    """``mm`` / ``bmm``: the built-in single-dim strategy without oversized whole results."""
+    single = strategy_tables().get("op_single_dim_strategy_funcs", {})
+    if op in single:
+        single[op] = _no_oversized_partial(single[op])

@@ -25,13 +25,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-__all__ = ["data_axis", "distribute_batch", "step_context", "agree_host_rng", "patches"]
+from shardimpl.keras.active import current_distribution
+from shardimpl.layout import local_shard_bounds
+from shardimpl.mesh import local_device, mesh_coordinate, to_torch_mesh
+
+__all__ = [
+    "data_axis", "distribute_batch", "step_context", "agree_host_rng",
+    "wrap_step", "wrap_loop", "wrap_get_data_adapter", "wrap_initialize_ddp",
+]
 
 
 def _distribution():
-    from keras.src.distribution import distribution_lib
-
-    return distribution_lib.distribution()
+    return current_distribution()
 
 
 def data_axis(distribution) -> str | None:
@@ -56,8 +61,6 @@ def data_axis(distribution) -> str | None:
 
 
 def _batch_layout(distribution):
-    from shardimpl.layout import to_torch_mesh
-
     axis = data_axis(distribution)
     mesh = to_torch_mesh(distribution.device_mesh)
     names = list(distribution.device_mesh.axis_names)
@@ -71,8 +74,6 @@ def distribute_batch(data, distribution):
     if axis is None:
         return data
     from keras.src import tree
-
-    from shardimpl.layout import local_shard_bounds, mesh_coordinate
 
     coord = mesh_coordinate(mesh)
     device = _device_of(mesh)
@@ -90,8 +91,6 @@ def distribute_batch(data, distribution):
 
 
 def _device_of(mesh):
-    from shardimpl.layout import local_device
-
     return local_device(mesh)
 
 
@@ -115,7 +114,7 @@ def agree_host_rng() -> None:
     np.random.set_state(state[1])
 
 
-def _wrap_step(original):
+def wrap_step(original):
     @functools.wraps(original)
     def step(self, data):
         distribution = _distribution()
@@ -128,7 +127,7 @@ def _wrap_step(original):
     return step
 
 
-def _wrap_loop(original):
+def wrap_loop(original):
     @functools.wraps(original)
     def loop(self, *args, **kwargs):
         if _distribution() is not None:
@@ -138,7 +137,7 @@ def _wrap_loop(original):
     return loop
 
 
-def _wrap_get_data_adapter(original):
+def wrap_get_data_adapter(original):
     @functools.wraps(original)
     def get_data_adapter(*args, **kwargs):
         distribution = _distribution()
@@ -155,7 +154,7 @@ def _wrap_get_data_adapter(original):
     return get_data_adapter
 
 
-def _wrap_initialize_ddp(original):
+def wrap_initialize_ddp(original):
     """keras-nightly wraps DataParallel models in DistributedDataParallel; shardimpl's
     variables are DTensors whose gradients are already reduced to their layout, so
     DDP (which cannot take DTensor parameters) is skipped under a distribution."""
@@ -167,18 +166,3 @@ def _wrap_initialize_ddp(original):
         return original(self, *args, **kwargs)
 
     return _initialize_ddp
-
-
-def patches():
-    """(owner, attribute, wrapper factory) for `shardimpl.keras_hook.install`."""
-    from keras.src.trainers import data_adapters
-
-    from shardimpl.keras_hook import torch_trainer_class
-
-    cls = torch_trainer_class()
-    out = [(cls, name, _wrap_step) for name in ("train_step", "test_step", "predict_step")]
-    out += [(cls, name, _wrap_loop) for name in ("fit", "evaluate", "predict")]
-    out.append((data_adapters, "get_data_adapter", _wrap_get_data_adapter))
-    if hasattr(cls, "_initialize_ddp"):  # keras-nightly 3.16
-        out.append((cls, "_initialize_ddp", _wrap_initialize_ddp))
-    return out

@@ -26,7 +26,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-__all__ = ["saving_scope", "patches", "to_numpy", "last_save_wrote"]
+from shardimpl.gather import gather_variable
+from shardimpl.keras.active import current_distribution
+from shardimpl.keras.compat import torch_core
+from shardimpl.layout import local_shard_bounds, shard_slices
+from shardimpl.mesh import mesh_coordinate
+
+__all__ = [
+    "saving_scope", "last_save_wrote", "wrap_convert_to_numpy", "wrap_direct_assign",
+    "wrap_convert_to_tensor", "atomic_save", "convert_to_numpy_owners",
+]
 
 _state = {"saving": False, "wrote": None}
 
@@ -51,17 +60,15 @@ def saving_scope():
 
 
 def _full_host_tensor(x: DTensor):
-    from shardimpl.gather import all_gather_variable
-
     if any(not isinstance(p, (Shard, Replicate)) for p in x.placements):
         x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
     replicated = all(isinstance(p, Replicate) for p in x.placements)
     # Replicated values are whole on every rank already (configs read them while saving).
     dst = 0 if _state["saving"] and not replicated else None
-    return all_gather_variable(x.detach(), device="cpu", dst=dst)
+    return gather_variable(x.detach(), device="cpu", dst=dst)
 
 
-def to_numpy(original):
+def wrap_convert_to_numpy(original):
     """Wrap Keras' torch ``convert_to_numpy`` so DTensors come back as full host arrays."""
 
     @functools.wraps(original)
@@ -78,7 +85,7 @@ def to_numpy(original):
     return convert_to_numpy
 
 
-def _wrap_direct_assign(original):
+def wrap_direct_assign(original):
     @functools.wraps(original)
     def _direct_assign(self, value):
         target = getattr(self, "_value", None)
@@ -90,8 +97,6 @@ def _wrap_direct_assign(original):
             with torch.no_grad():
                 target.copy_(value.detach())
             return
-        from shardimpl.layout import local_shard_bounds, mesh_coordinate, shard_slices
-
         full = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
         if tuple(full.shape) != tuple(target.shape):
             raise ValueError(
@@ -108,13 +113,11 @@ def _wrap_direct_assign(original):
     return _direct_assign
 
 
-def _wrap_convert_to_tensor(original):
+def wrap_convert_to_tensor(original):
     @functools.wraps(original)
     def _convert_to_tensor(self, value, dtype=None):
         if isinstance(getattr(self, "_value", None), DTensor) and not isinstance(value, torch.Tensor):
             # A full value for a sharded variable stays on the host; assign keeps a slice.
-            from shardimpl.keras_hook import torch_core
-
             to_torch_dtype = torch_core().to_torch_dtype
 
             array = np.asarray(value)
@@ -124,12 +127,10 @@ def _wrap_convert_to_tensor(original):
     return _convert_to_tensor
 
 
-def _atomic_save(original):
+def atomic_save(original):
     @functools.wraps(original)
     def save(model, filepath, *args, **kwargs):
-        from keras.src.distribution import distribution_lib
-
-        if distribution_lib.distribution() is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        if current_distribution() is None or not dist.is_initialized() or dist.get_world_size() == 1:
             return original(model, filepath, *args, **kwargs)
         filepath = os.fspath(filepath)
         folder = os.path.dirname(os.path.abspath(filepath))
@@ -161,23 +162,12 @@ def _all_ok(flag: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def patches():
-    """(owner, attribute, wrapper factory) for `shardimpl.keras_hook.install`."""
+def convert_to_numpy_owners():
+    """Every loaded Keras module that holds the torch backend's own ``convert_to_numpy``."""
     import sys
 
-    from keras.src.saving import saving_lib
-
-    from shardimpl.keras_hook import torch_core
-
-    core = torch_core()
-    original = core.convert_to_numpy
-    out = [
-        (mod, "convert_to_numpy", to_numpy)
-        for name, mod in list(sys.modules.items())
+    original = torch_core().convert_to_numpy
+    return [
+        mod for name, mod in list(sys.modules.items())
         if name.startswith("keras") and mod is not None and getattr(mod, "convert_to_numpy", None) is original
     ]
-    out.append((core.Variable, "_direct_assign", _wrap_direct_assign))
-    out.append((core.Variable, "_convert_to_tensor", _wrap_convert_to_tensor))
-    out.append((saving_lib, "save_model", _atomic_save))
-    out.append((saving_lib, "save_weights_only", _atomic_save))
-    return out

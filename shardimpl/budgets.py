@@ -1,0 +1,121 @@
+"""Per-rank memory budgets: a real allocation limit, and recognising the error it raises.
+
+`budget` gives a rank a limit that the allocator itself enforces (CPU:
+``RLIMIT_DATA``; CUDA: the per-process memory fraction); exceeding it raises
+the allocator's own error, which `is_oom` recognises. `warm_thread_pools` and
+`prefer_mmap` make such a limit safe and sharp in a long-lived rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+
+import torch
+
+__all__ = ["budget", "is_oom", "OOM_MARKERS", "warm_thread_pools", "prefer_mmap"]
+
+
+def _vm_data() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmData not found in /proc/self/status")
+
+
+_pools_warm = False
+
+
+def warm_thread_pools() -> None:
+    """Start torch's OpenMP/intra-op threads now (once per process).
+
+    Their stacks are data mappings, and libgomp aborts the whole process (no
+    exception) if it cannot create them under a tight RLIMIT_DATA. Call it
+    before a `PeakMeter` block that enters a `budget`, so the warm-up's own
+    small tensors (about 1 MiB) stay out of the measurement.
+    """
+    global _pools_warm
+    if not _pools_warm:
+        x = torch.ones(1 << 17)
+        (x * 2).sum().item()
+        torch.mm(torch.ones(128, 128), torch.ones(128, 128))
+        _pools_warm = True
+
+
+@contextlib.contextmanager
+def budget(nbytes: int, *, device=None):
+    """Give this rank a real allocation limit of ``nbytes`` more than it uses now.
+
+    CPU: ``RLIMIT_DATA`` is set to the current VmData + ``nbytes`` (Linux) and
+    restored on exit; torch then raises "DefaultCPUAllocator: can't allocate
+    memory". CUDA: the per-process memory fraction is set to (allocated +
+    ``nbytes``) / total and restored to 1.0; torch raises `torch.OutOfMemoryError`.
+    """
+    nbytes = int(nbytes)
+    if nbytes <= 0:
+        raise ValueError(f"budget needs a positive number of bytes. Received: nbytes={nbytes}.")
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        fraction = min(1.0, (torch.cuda.memory_allocated(index) + nbytes) / total)
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
+        return
+    warm_thread_pools()
+    old = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = _vm_data() + nbytes
+    if old[1] != resource.RLIM_INFINITY:
+        limit = min(limit, old[1])
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, old)
+
+
+OOM_MARKERS = (
+    "can't allocate memory",
+    "out of memory",
+    "cannot allocate memory",
+    "outofmemoryerror",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA and CPU out-of-memory errors (torch, numpy, Python), also when wrapped."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        text = f"{type(exc).__name__}: {exc}".lower()
+        if any(m in text for m in OOM_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def prefer_mmap(threshold: int = 131072) -> bool:
+    """Make glibc serve allocations >= ``threshold`` bytes with mmap, from now on, in this process.
+
+    Freed large blocks then go back to the OS at once, so RSS and VmData follow
+    live memory and a `budget` bites on every large allocation (a heap grown by
+    earlier work would otherwise serve it without growing VmData). The same as
+    starting the process with ``MALLOC_MMAP_THRESHOLD_``; returns False where
+    glibc's ``mallopt`` is not available.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,71 @@
+"""Where shardimpl reaches into Keras' private modules, by Keras version (one place).
+
+Supported: keras 3.15.x (`keras`) and keras-nightly 3.16.dev. Every lookup of
+a private Keras name goes through a function here and fails loudly, naming
+the version and the missing name, when Keras moves it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["SUPPORTED_KERAS", "check_keras", "torch_core", "torch_trainer_class", "keras_distribution_lib"]
+
+SUPPORTED_KERAS = ("3.15.", "3.16.")
+
+
+def check_keras() -> None:
+    """Raise unless Keras is a supported version running on its torch backend."""
+    import keras
+
+    version = keras.__version__
+    if not version.startswith(SUPPORTED_KERAS):
+        raise RuntimeError(
+            f"shardimpl supports keras 3.15.x and keras-nightly 3.16.dev; found keras {version}. "
+            "Install keras==3.15.* or keras-nightly, or pin shardimpl to a release that supports it."
+        )
+    if keras.backend.backend() != "torch":
+        raise RuntimeError(
+            f"shardimpl hooks Keras' torch backend, but Keras runs on {keras.backend.backend()!r}. "
+            "Set KERAS_BACKEND=torch before importing keras."
+        )
+
+
+def _moved(what: str, tried) -> RuntimeError:
+    import keras
+
+    return RuntimeError(
+        f"shardimpl cannot find Keras' {what} in keras {keras.__version__} (looked for {tried}). "
+        "This Keras version moved a private name shardimpl relies on; use keras 3.15.x or "
+        "keras-nightly 3.16.dev, or report the version."
+    )
+
+
+def torch_core():
+    """Keras' torch backend core module: ``backend/torch/core.py`` (3.15) or ``ops/core.py`` (3.16)."""
+    tried = ("keras.src.backend.torch.core", "keras.src.backend.torch.ops.core")
+    for name in tried:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "Variable") and hasattr(module, "convert_to_numpy"):
+            return module
+    raise _moved("torch backend core module", tried)
+
+
+def torch_trainer_class():
+    """Keras' torch trainer class: ``TorchTrainer`` (3.15) or ``Trainer`` (3.16)."""
+    from keras.src.backend.torch import trainer
+
+    cls = getattr(trainer, "TorchTrainer", None) or getattr(trainer, "Trainer", None)
+    if cls is None:
+        raise _moved("torch trainer class", ("TorchTrainer", "Trainer"))
+    return cls
+
+
+def keras_distribution_lib():
+    """``keras.src.distribution.distribution_lib`` (DeviceMesh, TensorLayout, distribution())."""
+    from keras.src.distribution import distribution_lib
+
+    return distribution_lib

@@ -1,0 +1,202 @@
+"""Every change shardimpl makes to Keras and torch, in one table, applied all-or-nothing.
+
+`patch_table()` lists each patch: the owner, the attribute (or, for DTensor,
+the op whose sharding strategy is replaced), the replacement and why.
+`apply_all` applies them in order and, if one raises, undoes the ones already
+applied before re-raising; `undo_all` restores exactly what was there
+(an attribute the owner did not define itself is deleted again; a DTensor op's
+entry in every sharding-strategy table is put back or removed).
+
+Nothing else in shardimpl assigns to a Keras or torch attribute. Variables
+created sharded carry their own guard (`shardimpl.keras.variables`), which
+is per object, not global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from shardimpl.keras import backend, rules, saving, steps, variables
+from shardimpl.keras.compat import keras_distribution_lib, torch_core, torch_trainer_class
+
+__all__ = ["Patch", "patch_table", "apply_all", "undo_all", "describe_table"]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One row of the table.
+
+    owner: the patched object, named for people (``"keras...core.Variable"``).
+    attribute: the attribute replaced, or for ``kind="dtensor-op"`` the aten op.
+    why: one line.
+    targets: returns the live owner objects (several for a function that Keras
+        modules import by name) or, for ``kind="dtensor-op"``, the op overloads.
+    replacement: ``original -> replacement`` for attributes; ``op -> None``
+        (it writes the op's strategy into DTensor's tables) for dtensor-op rows.
+    """
+
+    owner: str
+    attribute: str
+    why: str
+    targets: Callable[[], list]
+    replacement: Callable[[Any], Any]
+    kind: str = "attribute"
+
+
+def _one(obj):
+    return lambda: [obj()]
+
+
+def patch_table() -> list[Patch]:
+    """The whole table, resolved against the Keras version in this process."""
+    core = torch_core
+    trainer = torch_trainer_class
+
+    def keras_backend_pkg():
+        from keras.src import backend as pkg
+
+        return pkg
+
+    def data_adapters():
+        from keras.src.trainers import data_adapters as mod
+
+        return mod
+
+    def saving_lib():
+        from keras.src.saving import saving_lib as mod
+
+        return mod
+
+    def variable():
+        return core().Variable
+
+    rows = [
+        Patch("keras.src.distribution.distribution_lib", "distribution_lib",
+              "Keras' distribution API calls its backend module by this name; torch has none",
+              _one(keras_distribution_lib), lambda _: backend),
+        Patch("keras.src.backend", "distribution_lib",
+              "the same backend module, where Keras' backend package exposes it",
+              _one(keras_backend_pkg), lambda _: backend),
+        Patch("keras.src.distribution.distribution_lib.TensorLayout", "_validate_axes",
+              "a layout entry may name several mesh axes, e.g. ((\"batch\", \"model\"), None)",
+              lambda: [keras_distribution_lib().TensorLayout], backend.wrap_validate_axes),
+        Patch("<torch core>.Variable", "_initialize_with_initializer",
+              "under a distribution, draw only this rank's shard of the initializer",
+              _one(variable), variables.wrap_initialize_with_initializer),
+        Patch("<torch core>.Variable", "_initialize",
+              "under a distribution, keep only this rank's shard of a concrete value",
+              _one(variable), variables.wrap_initialize),
+        Patch("<torch core>.Variable", "_direct_assign",
+              "assigning a full value to a sharded variable keeps this rank's slice",
+              _one(variable), saving.wrap_direct_assign),
+        Patch("<torch core>.Variable", "_convert_to_tensor",
+              "a full value for a sharded variable stays on the host until sliced",
+              _one(variable), saving.wrap_convert_to_tensor),
+        Patch("every keras module holding <torch core>.convert_to_numpy", "convert_to_numpy",
+              "DTensors come back as full host arrays (gathered one variable at a time)",
+              saving.convert_to_numpy_owners, saving.wrap_convert_to_numpy),
+        Patch("keras.src.saving.saving_lib", "save_model",
+              "rank 0 writes the file once every rank gathered; no partial file on failure",
+              _one(saving_lib), saving.atomic_save),
+        Patch("keras.src.saving.saving_lib", "save_weights_only",
+              "as save_model, for save_weights",
+              _one(saving_lib), saving.atomic_save),
+        Patch("keras.src.trainers.data_adapters", "get_data_adapter",
+              "every rank loads the same global batches; the steps lay them out",
+              _one(data_adapters), steps.wrap_get_data_adapter),
+    ]
+    for name in ("train_step", "test_step", "predict_step"):
+        rows.append(Patch("<torch trainer>", name,
+                          "batches laid out on the mesh; mixed Tensor/DTensor ops and math attention allowed",
+                          _one(trainer), steps.wrap_step))
+    for name in ("fit", "evaluate", "predict"):
+        rows.append(Patch("<torch trainer>", name,
+                          "the host RNGs agreed from rank 0, so shuffled batches match across ranks",
+                          _one(trainer), steps.wrap_loop))
+    rows.append(Patch("<torch trainer>", "_initialize_ddp",
+                      "keras-nightly only: DDP cannot take DTensor parameters (grads are already reduced)",
+                      lambda: [c for c in [trainer()] if hasattr(c, "_initialize_ddp")],
+                      steps.wrap_initialize_ddp))
+    aten = torch.ops.aten
+    rows += [
+        Patch("DTensor sharding propagator tables", "aten.embedding_dense_backward.default",
+              "the embedding's weight gradient made column-sharded, never full-size Partial",
+              lambda: [aten.embedding_dense_backward.default],
+              rules.install_embedding_backward_rule, kind="dtensor-op"),
+        Patch("DTensor sharding propagator tables", "aten.mm.default",
+              "no Partial/Replicate result larger than both inputs (whole weight gradients)",
+              lambda: [aten.mm.default], rules.install_no_oversized_mm_rule, kind="dtensor-op"),
+        Patch("DTensor sharding propagator tables", "aten.bmm.default",
+              "as mm, for batched matmuls (attention)",
+              lambda: [aten.bmm.default], rules.install_no_oversized_mm_rule, kind="dtensor-op"),
+    ]
+    return rows
+
+
+_MISSING = object()
+
+
+def _apply_one(patch: Patch, target) -> tuple:
+    if patch.kind == "dtensor-op":
+        snapshot = {name: table.get(target, _MISSING) for name, table in rules.strategy_tables().items()}
+        record = ("dtensor-op", target, snapshot)
+        try:
+            patch.replacement(target)
+        except BaseException:
+            _undo_one(record)
+            raise
+        rules.clear_sharding_cache()
+        return record
+    original = getattr(target, patch.attribute, None)
+    had_own = patch.attribute in vars(target)
+    setattr(target, patch.attribute, patch.replacement(original))
+    return ("attribute", target, patch.attribute, had_own, original)
+
+
+def _undo_one(record: tuple) -> None:
+    if record[0] == "dtensor-op":
+        _, op, snapshot = record
+        for name, table in rules.strategy_tables().items():
+            before = snapshot.get(name, _MISSING)
+            if before is _MISSING:
+                table.pop(op, None)
+            else:
+                table[op] = before
+        rules.clear_sharding_cache()
+        return
+    _, target, attribute, had_own, original = record
+    if had_own:
+        setattr(target, attribute, original)
+    elif attribute in vars(target):
+        delattr(target, attribute)
+
+
+def apply_all(table: list[Patch]) -> list[tuple]:
+    """Apply every row; on any failure undo what was applied and re-raise. Returns undo records."""
+    applied: list[tuple] = []
+    try:
+        for patch in table:
+            for target in patch.targets():
+                applied.append(_apply_one(patch, target))
+    except BaseException:
+        undo_all(applied)
+        raise
+    return applied
+
+
+def undo_all(applied: list[tuple]) -> None:
+    """Undo records in reverse order of application."""
+    for record in reversed(applied):
+        _undo_one(record)
+    applied.clear()
+
+
+def describe_table() -> str:
+    """The table as Markdown (owner | attribute | why), for docs and notes."""
+    lines = ["| owner | attribute | why |", "|---|---|---|"]
+    for p in patch_table():
+        lines.append(f"| {p.owner} | `{p.attribute}` | {p.why} |")
+    return "\n".join(lines)
