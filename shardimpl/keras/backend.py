@@ -14,7 +14,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.create import distribute_variable as _distribute_variable
 from shardimpl.layout import TorchLayout, axes_to_placements
@@ -112,14 +112,28 @@ def distribute_variable(value, layout):
 
 
 def distribute_tensor(tensor, layout):
-    """Lay a (replicated, same-on-every-rank) tensor out as ``layout``: keep this rank's slice.
+    """``tensor`` (any nesting of tensors) laid out as ``layout``; differentiable.
 
-    A DTensor is redistributed instead (collectives as DTensor decides).
+    ``layout=None`` returns the value as is. A DTensor is redistributed (its
+    collectives as DTensor decides); a plain tensor, taken as the same full
+    value on every rank, becomes a replicated DTensor and then keeps this
+    rank's slice (no communication). Keras calls this for activation layouts
+    (``"<layer>/output"`` entries of a LayoutMap); autograd flows through both.
     """
+    if layout is None:
+        return tensor
+    if not isinstance(tensor, torch.Tensor):
+        from keras.src import tree
+
+        return tree.map_structure(lambda t: distribute_tensor(t, layout), tensor)
+    tl = resolve_layout(layout, tuple(tensor.shape))
     if isinstance(tensor, DTensor):
-        tl = resolve_layout(layout, tuple(tensor.shape))
+        if tuple(tensor.placements) == tl.placements and tensor.device_mesh == tl.mesh:
+            return tensor
         return tensor.redistribute(tl.mesh, tl.placements)
-    return _distribute_variable(tensor, layout)
+    replicated = DTensor.from_local(tensor.to(local_device(tl.mesh)), tl.mesh,
+                                    [Replicate()] * tl.mesh.ndim, run_check=False)
+    return replicated.redistribute(tl.mesh, tl.placements)
 
 
 def distribute_data_input(per_process_batch, layout, batch_dim_name):

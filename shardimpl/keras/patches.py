@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from shardimpl.keras import backend, rules, saving, steps, variables
+from shardimpl.keras import backend, calls, rules, saving, steps, variables
 from shardimpl.keras.compat import keras_distribution_lib, torch_core, torch_trainer_class
 
 __all__ = ["Patch", "patch_table", "apply_all", "undo_all", "describe_table"]
@@ -73,6 +73,11 @@ def patch_table() -> list[Patch]:
     def variable():
         return core().Variable
 
+    def layer():
+        from keras.src.layers.layer import Layer
+
+        return Layer
+
     rows = [
         Patch("keras.src.distribution.distribution_lib", "distribution_lib",
               "Keras' distribution API calls its backend module by this name; torch has none",
@@ -108,6 +113,9 @@ def patch_table() -> list[Patch]:
               "every rank loads the same global batches; the steps lay them out",
               _one(data_adapters), steps.wrap_get_data_adapter),
     ]
+    rows.append(Patch("keras.src.layers.layer.Layer", "__call__",
+                      "a direct call (model(x), the build fallback, generate) runs as in a step and "
+                      "returns plain tensors", _one(layer), calls.wrap_layer_call))
     for name in ("train_step", "test_step", "predict_step"):
         rows.append(Patch("<torch trainer>", name,
                           "batches laid out on the mesh; mixed Tensor/DTensor ops and math attention allowed",

@@ -17,7 +17,6 @@ Under a distribution each step:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from shardimpl.keras.active import current_distribution
+from shardimpl.keras.context import step_context
 from shardimpl.layout import local_shard_bounds
 from shardimpl.mesh import local_device, mesh_coordinate, to_torch_mesh
 
@@ -92,16 +92,6 @@ def distribute_batch(data, distribution):
 
 def _device_of(mesh):
     return local_device(mesh)
-
-
-@contextlib.contextmanager
-def step_context():
-    """Mixed plain/DTensor ops allowed, and attention through decomposable math ops."""
-    from torch.distributed.tensor.experimental import implicit_replication
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
-        yield
 
 
 def agree_host_rng() -> None:

@@ -1,0 +1,98 @@
+"""Direct calls: a model or layer called in the user's eager code runs as it would in a step.
+
+``model(x)``, ``layer(x)``, Keras' first-call build fallback and keras-hub's
+``generate()`` (which calls the backbone's layers one by one) all enter
+`Layer.__call__`. Under a distribution, the outermost such call (one not
+already inside a shardimpl step or call) runs in `step_context` (plain
+tensors mix with DTensors as replicated values; math attention) and hands
+its caller plain tensors back: a replicated DTensor as its local tensor (no
+communication), any other (sharded along the batch, Partial, vocabulary-split
+logits) as its full tensor. Both conversions are differentiable, so a custom
+training loop's ``loss.backward()`` reaches the sharded variables. Nested
+calls return DTensors, as inside Keras' own steps.
+
+The backward of such a call runs later, in the user's ``loss.backward()``,
+outside the call, where DTensor no longer lets plain tensors mix in (and the
+autograd engine keeps the setting that held when ``backward()`` started).
+So while the call runs, every plain tensor an op saves for its backward is
+saved as the replicated DTensor it stood for (a view, no copy), and plain
+inputs that require a gradient enter as replicated DTensors: the backward
+then meets DTensors only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate
+
+from shardimpl.keras.active import current_distribution, is_installed
+from shardimpl.keras.context import is_within, step_context
+from shardimpl.mesh import to_torch_mesh
+
+__all__ = ["wrap_layer_call", "to_plain"]
+
+
+def _plain(x):
+    if not isinstance(x, DTensor):
+        return x
+    mask = getattr(x, "_keras_mask", None)
+    if all(isinstance(p, Replicate) for p in x.placements):
+        out = x.to_local()
+    else:
+        out = x.full_tensor()
+    if mask is not None:
+        out._keras_mask = _plain(mask)
+    return out
+
+
+def _replicated(t, mesh):
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def _saved_as_dtensors(mesh):
+    """Saved-tensor hooks: a plain tensor saved for backward is kept as a replicated DTensor."""
+
+    def pack(t):
+        if isinstance(t, DTensor) or t.requires_grad or t.device.type == "meta":
+            return t
+        return _replicated(t, mesh)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _inputs_requiring_grad_as_dtensors(args, kwargs, mesh):
+    from keras.src import tree
+
+    def one(x):
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) and x.requires_grad:
+            return _replicated(x, mesh)
+        return x
+
+    return tree.map_structure(one, args), tree.map_structure(one, kwargs)
+
+
+def to_plain(outputs):
+    """Every DTensor in ``outputs`` (any nesting) as the plain tensor it stands for."""
+    from keras.src import tree
+
+    if isinstance(outputs, torch.Tensor):
+        return _plain(outputs)
+    return tree.map_structure(_plain, outputs)
+
+
+def wrap_layer_call(original):
+    @functools.wraps(original)
+    def __call__(self, *args, **kwargs):
+        distribution = current_distribution() if is_installed() and not is_within() else None
+        if distribution is None:
+            return original(self, *args, **kwargs)
+        mesh = to_torch_mesh(distribution.device_mesh)
+        if torch.is_grad_enabled():
+            args, kwargs = _inputs_requiring_grad_as_dtensors(args, kwargs, mesh)
+        with step_context(), _saved_as_dtensors(mesh):
+            outputs = original(self, *args, **kwargs)
+        return to_plain(outputs)
+
+    return __call__
