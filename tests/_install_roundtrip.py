@@ -36,7 +36,10 @@ def snapshot():
         for key, value in list(vars(ns).items()):
             attrs[f"{getattr(ns, '__qualname__', getattr(ns, '__name__', ns))}@{id(ns)}.{key}"] = id(value)
     tables = {f"{name}[{op}]": id(v) for name, table in rules.strategy_tables().items() for op, v in table.items()}
-    return {"attribute": attrs, "dtensor table": tables, "environ": dict(os.environ)}
+    from torch.distributed.tensor import DTensor
+
+    flags = {"allow_implicit_replication": DTensor._op_dispatcher._allow_implicit_replication}
+    return {"attribute": attrs, "dtensor table": tables, "environ": dict(os.environ), "dtensor flags": flags}
 
 
 def diff(before, after):

@@ -127,13 +127,16 @@ def distribute_tensor(tensor, layout):
 
         return tree.map_structure(lambda t: distribute_tensor(t, layout), tensor)
     tl = resolve_layout(layout, tuple(tensor.shape))
+    # A split over a mesh axis of size 1 is no split: say Replicate, which every op accepts
+    # (in-place updates of a Shard(0) value, e.g. a sampler writing tokens, have no rule).
+    placements = tuple(Replicate() if tl.mesh.size(i) == 1 else p for i, p in enumerate(tl.placements))
     if isinstance(tensor, DTensor):
-        if tuple(tensor.placements) == tl.placements and tensor.device_mesh == tl.mesh:
+        if tuple(tensor.placements) == placements and tensor.device_mesh == tl.mesh:
             return tensor
-        return tensor.redistribute(tl.mesh, tl.placements)
+        return tensor.redistribute(tl.mesh, placements)
     replicated = DTensor.from_local(tensor.to(local_device(tl.mesh)), tl.mesh,
                                     [Replicate()] * tl.mesh.ndim, run_check=False)
-    return replicated.redistribute(tl.mesh, tl.placements)
+    return replicated.redistribute(tl.mesh, placements)
 
 
 def distribute_data_input(per_process_batch, layout, batch_dim_name):

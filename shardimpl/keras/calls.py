@@ -14,22 +14,24 @@ calls return DTensors, as inside Keras' own steps.
 The backward of such a call runs later, in the user's ``loss.backward()``,
 outside the call, where DTensor no longer lets plain tensors mix in (and the
 autograd engine keeps the setting that held when ``backward()`` started).
-So while the call runs, every plain tensor an op saves for its backward is
-saved as the replicated DTensor it stood for (a view, no copy), and plain
-inputs that require a gradient enter as replicated DTensors: the backward
-then meets DTensors only.
+So plain tensor and array inputs enter the call as the replicated DTensors
+they stand for (views, no copy; in-place updates of them, such as a KV cache
+write, are then DTensor ops too), and while the call runs every plain tensor
+an op saves for its backward (a constant made inside a layer) is saved as a
+replicated DTensor: the backward meets DTensors only.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.keras.active import current_distribution, is_installed
 from shardimpl.keras.context import is_within, step_context
-from shardimpl.mesh import to_torch_mesh
+from shardimpl.mesh import local_device, to_torch_mesh
 
 __all__ = ["wrap_layer_call", "to_plain"]
 
@@ -62,12 +64,17 @@ def _saved_as_dtensors(mesh):
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def _inputs_requiring_grad_as_dtensors(args, kwargs, mesh):
+def _inputs_as_dtensors(args, kwargs, mesh):
+    """Plain tensor and array inputs as the replicated DTensors they stand for (differentiable)."""
     from keras.src import tree
 
+    device = local_device(mesh)
+
     def one(x):
-        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) and x.requires_grad:
-            return _replicated(x, mesh)
+        if isinstance(x, np.ndarray) and x.dtype != object:
+            x = torch.as_tensor(x)
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) and x.device.type != "meta":
+            return _replicated(x.to(device), mesh)
         return x
 
     return tree.map_structure(one, args), tree.map_structure(one, kwargs)
@@ -89,8 +96,7 @@ def wrap_layer_call(original):
         if distribution is None:
             return original(self, *args, **kwargs)
         mesh = to_torch_mesh(distribution.device_mesh)
-        if torch.is_grad_enabled():
-            args, kwargs = _inputs_requiring_grad_as_dtensors(args, kwargs, mesh)
+        args, kwargs = _inputs_as_dtensors(args, kwargs, mesh)
         with step_context(), _saved_as_dtensors(mesh):
             outputs = original(self, *args, **kwargs)
         return to_plain(outputs)

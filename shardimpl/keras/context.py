@@ -34,8 +34,22 @@ def within_shardimpl():
 @contextlib.contextmanager
 def step_context():
     """Mixed plain/DTensor ops allowed, and attention through decomposable math ops."""
-    from torch.distributed.tensor.experimental import implicit_replication
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with within_shardimpl(), implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
+    with within_shardimpl(), _implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
         yield
+
+
+@contextlib.contextmanager
+def _implicit_replication():
+    """DTensor's implicit replication for the block, then back to what it was (torch's own
+    context manager sets it to False on exit, which would undo the installed setting)."""
+    from torch.distributed.tensor import DTensor
+
+    dispatcher = DTensor._op_dispatcher
+    previous = dispatcher._allow_implicit_replication
+    dispatcher._allow_implicit_replication = True
+    try:
+        yield
+    finally:
+        dispatcher._allow_implicit_replication = previous

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from shardimpl.keras import backend, calls, rules, saving, steps, variables
 from shardimpl.keras.compat import keras_distribution_lib, torch_core, torch_trainer_class
@@ -34,8 +35,12 @@ class Patch:
     why: one line.
     targets: returns the live owner objects (several for a function that Keras
         modules import by name) or, for ``kind="dtensor-op"``, the op overloads.
-    replacement: ``original -> replacement`` for attributes; ``op -> None``
-        (it writes the op's strategy into DTensor's tables) for dtensor-op rows.
+    replacement: ``original -> replacement`` for attributes and settings;
+        ``op -> None`` (it writes the op's strategy into DTensor's tables) for
+        dtensor-op rows.
+    kind: "attribute" (set; undone by restoring or deleting the owner's own
+        attribute), "setting" (a property such as a C-backed flag: set, and set
+        back to its value on undo) or "dtensor-op".
     """
 
     owner: str
@@ -128,6 +133,10 @@ def patch_table() -> list[Patch]:
                       "keras-nightly only: DDP cannot take DTensor parameters (grads are already reduced)",
                       lambda: [c for c in [trainer()] if hasattr(c, "_initialize_ddp")],
                       steps.wrap_initialize_ddp))
+    rows.append(Patch("torch DTensor op dispatcher (the installing thread)", "_allow_implicit_replication",
+                      "eager user code (samplers, metrics, custom loops) mixes plain tensors with "
+                      "DTensors as replicated values, as JAX's global arrays do",
+                      lambda: [DTensor._op_dispatcher], lambda _: True, kind="setting"))
     aten = torch.ops.aten
     rows += [
         Patch("DTensor sharding propagator tables", "aten.embedding_dense_backward.default",
@@ -148,6 +157,10 @@ _MISSING = object()
 
 
 def _apply_one(patch: Patch, target) -> tuple:
+    if patch.kind == "setting":  # a property (e.g. backed by C state): set, and set back on undo
+        original = getattr(target, patch.attribute)
+        setattr(target, patch.attribute, patch.replacement(original))
+        return ("setting", target, patch.attribute, original)
     if patch.kind == "dtensor-op":
         snapshot = {name: table.get(target, _MISSING) for name, table in rules.strategy_tables().items()}
         record = ("dtensor-op", target, snapshot)
@@ -165,6 +178,10 @@ def _apply_one(patch: Patch, target) -> tuple:
 
 
 def _undo_one(record: tuple) -> None:
+    if record[0] == "setting":
+        _, target, attribute, original = record
+        setattr(target, attribute, original)
+        return
     if record[0] == "dtensor-op":
         _, op, snapshot = record
         for name, table in rules.strategy_tables().items():
