@@ -102,3 +102,25 @@ def wrap_layer_call(original):
         return to_plain(outputs)
 
     return __call__
+
+
+def wrap_embedding_call(original):
+    """Keras' Embedding.call: a DTensor table is looked up by `shardimpl.embedding.embedding_lookup`
+    (a vocabulary-split table hits a torch DTensor defect otherwise); anything else as stock."""
+
+    @functools.wraps(original)
+    def call(self, inputs):
+        table = getattr(self, "_embeddings", None)
+        value = getattr(table, "_value", None)
+        if (not isinstance(value, DTensor) or getattr(self, "quantization_mode", None)
+                or getattr(self, "lora_enabled", False)):
+            return original(self, inputs)
+        from keras.src import ops
+
+        from shardimpl.embedding import embedding_lookup
+
+        outputs = embedding_lookup(torch.as_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs,
+                                   self._embeddings.value)
+        return ops.cast(outputs, dtype=self.compute_dtype)
+
+    return call

@@ -78,6 +78,11 @@ def patch_table() -> list[Patch]:
     def variable():
         return core().Variable
 
+    def embedding_layer():
+        from keras.src.layers.core.embedding import Embedding
+
+        return Embedding
+
     def layer():
         from keras.src.layers.layer import Layer
 
@@ -121,6 +126,10 @@ def patch_table() -> list[Patch]:
     rows.append(Patch("keras.src.layers.layer.Layer", "__call__",
                       "a direct call (model(x), the build fallback, generate) runs as in a step and "
                       "returns plain tensors", _one(layer), calls.wrap_layer_call))
+    rows.append(Patch("keras.src.layers.core.embedding.Embedding", "call",
+                      "a sharded table (vocabulary-split too) is looked up without torch 2.13's "
+                      "_MaskPartial defect; the gradient keeps the table's layout",
+                      _one(embedding_layer), calls.wrap_embedding_call))
     for name in ("train_step", "test_step", "predict_step"):
         rows.append(Patch("<torch trainer>", name,
                           "batches laid out on the mesh; mixed Tensor/DTensor ops and math attention allowed",
