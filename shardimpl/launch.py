@@ -8,7 +8,12 @@ rendezvous, calls ``fn(*args)`` on each and returns their rows in rank order.
 A rank that raises becomes ``status="error"``, one that runs out of memory
 ``"oom"``, one still running at the deadline ``"timeout"``; after the first
 failure the others get a short grace period to finish and are then stopped,
-so the call returns within ``timeout`` plus a few seconds. Inside torchrun
+so the call returns within ``timeout`` (start-up included) plus a few seconds.
+``fn`` and its arguments are pickled here before any rank starts: one that
+cannot reach the ranks (a lambda, a local function) raises TypeError at once.
+Nothing is left behind: the rendezvous folder is removed and the ranks are
+stopped when the call returns, when a start fails, or when a `World` is
+garbage-collected without being closed. Inside torchrun
 (``TORCHELASTIC_RUN_ID`` set) nothing is spawned: this process is one rank,
 ``fn`` runs here and every rank gets all rows.
 
@@ -19,6 +24,7 @@ in well under a second after the first.
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.reduction
 import os
 import pickle
 import queue as queue_mod
@@ -27,6 +33,7 @@ import signal
 import tempfile
 import time
 import traceback
+import weakref
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -133,7 +140,11 @@ def _rank_main(rank, world, init_file, backend, device, timeout, in_q, out_q):
         command = in_q.get()
         if command is None:
             break
-        fn, args, budget_bytes = command
+        try:
+            fn, args, budget_bytes = pickle.loads(command)
+        except BaseException as exc:  # e.g. fn's module is not importable in the rank
+            _send(out_q, RankResult(rank, "error", None, _describe(exc)))
+            break
         row = _call(fn, args, device, budget_bytes)
         _send(out_q, row)
         if row.status != "ok":
@@ -163,13 +174,41 @@ def _context():
     return _CTX
 
 
-def _stop(proc) -> None:
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(1.0)
-    if proc.is_alive():
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(1.0)
+def _stop_all(procs, grace: float = 1.0) -> None:
+    """SIGTERM every live rank, wait up to ``grace`` seconds for all, SIGKILL the rest."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.join(1.0)
+
+
+def _cleanup(procs, workdir) -> None:
+    """What a World leaves if it is never closed: stop its ranks, remove its rendezvous folder."""
+    _stop_all(procs, grace=0.5)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pickled_call(fn, args, budget_bytes, where: str) -> bytes:
+    """The command a rank receives, pickled here: a fn the ranks cannot receive fails now, not there."""
+    try:
+        return bytes(multiprocessing.reduction.ForkingPickler.dumps((fn, args, budget_bytes)))
+    except Exception as exc:
+        raise TypeError(
+            f"{where}: fn and its arguments must be picklable to reach the ranks (fn a "
+            f"module-level function of an importable module, arguments plain data). Received: "
+            f"fn={getattr(fn, '__qualname__', fn)!r}, which cannot be pickled: {exc}. Move fn to "
+            "the top level of a module (not a lambda, a local function or a bound method of an "
+            "unpicklable object)."
+        ) from None
 
 
 def _in_torchrun() -> bool:
@@ -215,43 +254,62 @@ class World:
         self.backend = _backend_for(device, self.nprocs)
         self._timeout = timeout
         self._procs = []
+        self._workdir = None
+        self._finalizer = None
         self.closed = False
 
     def start(self) -> "World":
+        """Start the ranks (they join in the background); on any failure nothing is left behind."""
+        if self._procs:
+            return self
         ctx = _context()
         self._workdir = tempfile.mkdtemp(prefix="shardimpl-rdzv-")
-        self._out_q = ctx.Queue()
-        self._in_qs = [ctx.Queue() for _ in range(self.nprocs)]
-        self._procs = [
-            ctx.Process(
-                target=_rank_main,
-                args=(r, self.nprocs, os.path.join(self._workdir, "store"), self.backend,
-                      self.device, self._timeout, self._in_qs[r], self._out_q),
-                daemon=True,
-            )
-            for r in range(self.nprocs)
-        ]
-        for p in self._procs:
-            p.start()
+        procs: list = []
+        self._finalizer = weakref.finalize(self, _cleanup, procs, self._workdir)
+        try:
+            self._out_q = ctx.Queue()
+            self._in_qs = [ctx.Queue() for _ in range(self.nprocs)]
+            for r in range(self.nprocs):
+                procs.append(ctx.Process(
+                    target=_rank_main,
+                    args=(r, self.nprocs, os.path.join(self._workdir, "store"), self.backend,
+                          self.device, self._timeout, self._in_qs[r], self._out_q),
+                    daemon=True,
+                ))
+            for p in procs:
+                p.start()
+        except BaseException:
+            self._finalizer()  # stop what started, remove the rendezvous folder
+            self.closed = True
+            raise
+        self._procs = procs
         return self
 
     def run(self, fn: Callable, *args, timeout: float | None = None,
-            budget_bytes: int | None = None) -> list[RankResult]:
-        """Run ``fn(*args)`` on every rank; rows in rank order (see `run` for statuses)."""
+            budget_bytes: int | None = None, _deadline: float | None = None) -> list[RankResult]:
+        """Run ``fn(*args)`` on every rank; rows in rank order (see `run` for statuses).
+
+        ``timeout`` bounds this call, including the ranks' start-up when it is the first.
+        """
+        deadline = _deadline or time.monotonic() + (timeout or self._timeout)
         if self.closed:
             raise RuntimeError("this World is closed (a rank failed or timed out); start a new one.")
+        command = _pickled_call(fn, args, budget_bytes, "World.run")
         if not self._procs:
             self.start()
         for q in self._in_qs:
-            q.put((fn, args, budget_bytes))
-        rows = _collect(self._procs, self._out_q, time.monotonic() + (timeout or self._timeout))
+            q.put(command)
+        rows = _collect(self._procs, self._out_q, deadline)
         if any(r.status != "ok" for r in rows.values()):
             self.close()
         return [rows[r] for r in range(self.nprocs)]
 
     def close(self) -> None:
-        if not self._procs or self.closed:
+        """Let the ranks leave (up to 3 s), stop the rest, remove the rendezvous folder."""
+        if self.closed or not self._procs:
             self.closed = True
+            if self._finalizer is not None:
+                self._finalizer()
             return
         self.closed = True
         for q in self._in_qs:
@@ -262,9 +320,9 @@ class World:
         deadline = time.monotonic() + 3.0
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
-            _stop(p)
+        _stop_all(self._procs)
         self._out_q.close()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._finalizer()
 
     def __enter__(self) -> "World":
         return self.start()
@@ -283,15 +341,22 @@ def run(
 ) -> list[RankResult]:
     """Run ``fn(*args)`` on ``nprocs`` ranks and return one `RankResult` per rank, in rank order.
 
-    ``fn`` must be importable (a module-level function) and its return value
-    picklable. ``budget_bytes`` puts every rank under `shardimpl.budgets.budget`
-    while ``fn`` runs. ``timeout`` (seconds) bounds the whole call, start-up
-    included: ranks still running then are stopped and reported as "timeout".
+    ``fn`` (a module-level function) and ``args`` must be picklable: TypeError at
+    once otherwise, before any rank starts. A return value that cannot be
+    pickled makes that rank's row an error.
+    ``budget_bytes`` puts every rank under `shardimpl.budgets.budget` while
+    ``fn`` runs. ``timeout`` (seconds) bounds the whole call, start-up
+    included: ranks still running then are stopped and reported as "timeout";
+    the call returns at most a few seconds (stopping the ranks) after it.
     """
+    deadline = time.monotonic() + timeout
     if _in_torchrun():
         return _run_in_torchrun(fn, int(nprocs), args, device, budget_bytes, timeout)
-    with World(nprocs, device=device, timeout=timeout) as world:
-        return world.run(fn, *args, timeout=timeout, budget_bytes=budget_bytes)
+    world = World(nprocs, device=device, timeout=timeout)
+    try:
+        return world.run(fn, *args, timeout=timeout, budget_bytes=budget_bytes, _deadline=deadline)
+    finally:
+        world.close()
 
 
 def _collect(procs, out_q, deadline) -> dict[int, RankResult]:
