@@ -24,15 +24,28 @@ without a process group or with one rank.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree", "PeerFailure", "checksum", "mark_agreed", "was_agreed", "describe"]
+__all__ = ["agree", "during", "PeerFailure", "checksum", "mark_agreed", "was_agreed", "describe"]
 
 SLOTS = 4
 _FLAG = "_shardimpl_agreed"
+_operations: list[str] = []
+
+
+@contextlib.contextmanager
+def during(operation: str):
+    """Name the operation that agreement points inside the block belong to (e.g. a save),
+    so a `PeerFailure` raised at a gather says which save stopped."""
+    _operations.append(operation)
+    try:
+        yield
+    finally:
+        _operations.pop()
 
 
 class PeerFailure(RuntimeError):
@@ -106,6 +119,8 @@ def agree(problem: str | None, *, where: str, values=(), names=(), error: BaseEx
     when some rank reported a problem; ValueError when the ``values`` differ
     across ranks. Collective: see the module docstring.
     """
+    if _operations and not where.startswith(_operations[-1]):
+        where = f"{_operations[-1]} (at {where})"
     values = [int(v) for v in values]
     if len(values) > SLOTS:
         raise ValueError(f"agree takes at most {SLOTS} values. Received: {len(values)}.")
@@ -130,7 +145,7 @@ def agree(problem: str | None, *, where: str, values=(), names=(), error: BaseEx
         problems = {r: m for r, m in enumerate(messages) if m is not None}
         if error is not None:
             raise mark_agreed(error)
-        listed = "; ".join(f"rank {r}: {m}" for r, m in problems.items())
+        listed = "; ".join(f"rank {r}: {m.rstrip('.')}" for r, m in problems.items())
         raise mark_agreed(PeerFailure(
             f"{where} stopped on every rank because rank(s) {sorted(problems)} failed: {listed}. "
             "No rank waits for the failed one; fix the failing rank's error and call again on every rank.",
@@ -140,13 +155,10 @@ def agree(problem: str | None, *, where: str, values=(), names=(), error: BaseEx
     for i, name in enumerate(list(names) + [f"value {j}" for j in range(len(names), SLOTS)]):
         high, low = int(t[1 + 2 * i]), -int(t[2 + 2 * i])
         if high != low:
-            bad.append(f"{name} ranges over [{low}, {high}]")
+            bad.append(f"{name} ranges over [{low}, {high}] (this rank: {values[i]})")
     if bad:
         mismatch = mismatch or (
             "every rank must call it with the same arguments, in the same order. Call it on "
             "every rank with identical arguments (same variable, same dst)."
         )
-        raise mark_agreed(ValueError(
-            f"{where}: {mismatch} Received: {', '.join(bad)} across ranks "
-            f"(this rank: {values[:len(names)] or values})."
-        ))
+        raise mark_agreed(ValueError(f"{where}: {mismatch} Received: {'; '.join(bad)} across ranks."))

@@ -31,6 +31,7 @@ import queue as queue_mod
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import traceback
 import weakref
@@ -176,6 +177,7 @@ def _context():
 
 def _stop_all(procs, grace: float = 1.0) -> None:
     """SIGTERM every live rank, wait up to ``grace`` seconds for all, SIGKILL the rest."""
+    procs = [p for p in procs if p.pid is not None]  # never started: nothing to stop
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -256,12 +258,19 @@ class World:
         self._procs = []
         self._workdir = None
         self._finalizer = None
+        self._starting = threading.Lock()  # held while start() runs (maybe in a starter thread)
+        self._abandoned = False  # the deadline passed during start(): it cleans up when done
         self.closed = False
 
     def start(self) -> "World":
         """Start the ranks (they join in the background); on any failure nothing is left behind."""
         if self._procs:
             return self
+        with self._starting:
+            self._start()
+        return self
+
+    def _start(self) -> None:
         ctx = _context()
         self._workdir = tempfile.mkdtemp(prefix="shardimpl-rdzv-")
         procs: list = []
@@ -283,7 +292,39 @@ class World:
             self.closed = True
             raise
         self._procs = procs
-        return self
+
+    def _start_by(self, deadline: float) -> bool:
+        """Start the ranks, waiting at most until ``deadline``; False if they were still starting.
+
+        Starting can block for seconds (the forkserver imports torch once per
+        session, more on a loaded machine); it runs in a thread so that the
+        deadline holds. A start that misses it finishes in that thread and then
+        stops its ranks and removes its folder.
+        """
+        box: dict = {}
+        lock = threading.Lock()
+
+        def starter():
+            try:
+                self.start()
+            except BaseException as exc:
+                box["error"] = exc
+            with lock:
+                box["done"] = True
+                abandoned = self._abandoned
+            if abandoned and self._finalizer is not None:
+                self._finalizer()
+
+        thread = threading.Thread(target=starter, name="shardimpl-world-start", daemon=True)
+        thread.start()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        with lock:
+            if not box.get("done"):
+                self._abandoned = self.closed = True
+                return False
+        if "error" in box:
+            raise box["error"]
+        return True
 
     def run(self, fn: Callable, *args, timeout: float | None = None,
             budget_bytes: int | None = None, _deadline: float | None = None) -> list[RankResult]:
@@ -295,17 +336,21 @@ class World:
         if self.closed:
             raise RuntimeError("this World is closed (a rank failed or timed out); start a new one.")
         command = _pickled_call(fn, args, budget_bytes, "World.run")
-        if not self._procs:
-            self.start()
+        if not self._procs and not self._start_by(deadline):
+            return [RankResult(r, "timeout", None, "the ranks were still starting at the deadline "
+                               "(the timeout includes start-up); stopped once started")
+                    for r in range(self.nprocs)]
         for q in self._in_qs:
             q.put(command)
         rows = _collect(self._procs, self._out_q, deadline)
         if any(r.status != "ok" for r in rows.values()):
-            self.close()
+            self.close(grace=0.5)  # ranks that failed or timed out may be stuck in a collective
         return [rows[r] for r in range(self.nprocs)]
 
-    def close(self) -> None:
-        """Let the ranks leave (up to 3 s), stop the rest, remove the rendezvous folder."""
+    def close(self, grace: float = 3.0) -> None:
+        """Let the ranks leave (up to ``grace`` s), stop the rest, remove the rendezvous folder."""
+        if self._abandoned:
+            return  # the starter thread cleans up once its start finishes
         if self.closed or not self._procs:
             self.closed = True
             if self._finalizer is not None:
@@ -317,7 +362,7 @@ class World:
                 q.put(None)
             except (OSError, ValueError):
                 pass
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + grace
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
         _stop_all(self._procs)

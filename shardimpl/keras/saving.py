@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from shardimpl.agree import agree, describe, was_agreed
+from shardimpl.agree import agree, describe, during, was_agreed
 from shardimpl.gather import gather_variable
 from shardimpl.keras.active import current_distribution
 from shardimpl.keras.compat import torch_core
@@ -165,7 +165,7 @@ def atomic_save(original):
                 private = tempfile.mkdtemp(prefix=".shardimpl-save-", dir=folder)
             else:
                 private = tempfile.mkdtemp(prefix="shardimpl-save-")
-            with saving_scope():
+            with saving_scope(), during(where):
                 original(model, os.path.join(private, os.path.basename(filepath)), *args, **kwargs)
             agree(None, where=where)  # every rank walked the whole model
             problem = error = None
