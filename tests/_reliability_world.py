@@ -183,8 +183,10 @@ def keras_save_faults(folder):
             os.replace = real_replace
 
     _case(out, "rename_fails_on_rank0", replace_fails_on_rank0)
-    dist.barrier()
+    dist.barrier()  # every rank returned from its failed saves (rank 0 removes its folder before)
     out["files_after_faults"] = [f for f in _listing(folder) if not f.startswith("tmp-rank")]
+    out["private_tmp_after_faults"] = _listing(private_tmp)
+    dist.barrier()
     _case(out, "keras_ok", lambda: save("ok.keras"))
     _case(out, "h5_ok", lambda: save("ok.h5"))
     dist.barrier()

@@ -152,6 +152,7 @@ def test_failed_saves_leave_nothing_behind(save_world):
     folder, values = save_world
     for v in values:
         assert v["files_after_faults"] == [], v["files_after_faults"]  # no .shardimpl-save-*, no a.keras
+        assert v["private_tmp_after_faults"] == []
         assert v["private_tmp"] == []  # the non-zero ranks' placeholders are gone too
         assert v["files"] == ["ok.h5", "ok.keras"]
     assert sorted(f for f in os.listdir(folder) if not f.startswith("tmp-rank")) == ["ok.h5", "ok.keras"]
