@@ -264,10 +264,9 @@ class World:
 
     def start(self) -> "World":
         """Start the ranks (they join in the background); on any failure nothing is left behind."""
-        if self._procs:
-            return self
         with self._starting:
-            self._start()
+            if not self._procs:
+                self._start()
         return self
 
     def _start(self) -> None:
