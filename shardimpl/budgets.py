@@ -50,22 +50,32 @@ def budget(nbytes: int, *, device=None):
     CPU: ``RLIMIT_DATA`` is set to the current VmData + ``nbytes`` (Linux) and
     restored on exit; torch then raises "DefaultCPUAllocator: can't allocate
     memory". CUDA: the per-process memory fraction is set to (allocated +
-    ``nbytes``) / total and restored to 1.0; torch raises `torch.OutOfMemoryError`.
+    ``nbytes``) / total, never above the fraction already in force (budgets
+    nest), and restored to that previous fraction on exit; torch raises
+    `torch.OutOfMemoryError`. A CUDA device on a torch without CUDA is a
+    ValueError.
     """
     nbytes = int(nbytes)
     if nbytes <= 0:
         raise ValueError(f"budget needs a positive number of bytes. Received: nbytes={nbytes}.")
     device = torch.device(device or "cpu")
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"budget(device={str(device)!r}) needs a usable CUDA device; this torch has none "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Use device='cpu' "
+                "(an RLIMIT_DATA limit) or run on a GPU node."
+            )
         index = device.index if device.index is not None else torch.cuda.current_device()
         total = torch.cuda.get_device_properties(index).total_memory
-        fraction = min(1.0, (torch.cuda.memory_allocated(index) + nbytes) / total)
+        previous = torch.cuda.get_per_process_memory_fraction(index)
+        fraction = float(min(previous, (torch.cuda.memory_allocated(index) + nbytes) / total))
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(fraction, index)
         try:
             yield
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, index)
+            torch.cuda.set_per_process_memory_fraction(previous, index)
         return
     warm_thread_pools()
     old = resource.getrlimit(resource.RLIMIT_DATA)

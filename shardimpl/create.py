@@ -20,18 +20,26 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
+import zlib
 
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
+from shardimpl.agree import agree, describe
 from shardimpl.initializers import InitSpec, fill_local_shard, spec_from_initializer
 from shardimpl.layout import TorchLayout, describe_placements, local_shard_bounds, shard_slices
 from shardimpl.mesh import local_device, mesh_coordinate, resolve_layout
 from shardimpl.seeds import mix_seed, next_seed
 
-__all__ = ["distribute_variable", "to_torch_dtype"]
+__all__ = ["distribute_variable", "to_torch_dtype", "CHECK_REPLICATED_ENV"]
+
+#: Set to 1 to make every `distribute_variable` call check that its concrete value is the
+#: same on every rank (as ``check_replicated=True``); the same on every rank, like the flag.
+CHECK_REPLICATED_ENV = "SHARDIMPL_CHECK_REPLICATED"
+_CHUNK = 1 << 20  # elements per step of the value checks: bounded temporary memory
 
 logger = logging.getLogger("shardimpl")
 _warned_fallback: set = set()
@@ -168,7 +176,91 @@ def _local_from_tensor(value, offsets, sizes, dtype, device) -> torch.Tensor:
     return piece.to(device=device, dtype=dtype, copy=True).contiguous()
 
 
-def distribute_variable(value, layout, *, shape=None, dtype=None, name=None) -> DTensor:
+def _flat_chunks(value):
+    """The value's elements in chunks of `_CHUNK` (torch tensors on their device, numpy arrays)."""
+    flat = value.reshape(-1)
+    for start in range(0, flat.shape[0], _CHUNK):
+        yield flat[start:start + _CHUNK]
+
+
+def _is_float(value) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind == "f"
+    return value.is_floating_point()
+
+
+def _check_cast(value, dtype: torch.dtype, where: str) -> None:
+    """Refuse a float value whose NaN, infinity or out-of-range entries an integer cast would
+    silently turn into arbitrary integers (torch gives -2**31 for NaN and 1e10 in int32)."""
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool or not _is_float(value):
+        return
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return
+    info = torch.iinfo(dtype)
+    src = value.dtype
+    for chunk in _flat_chunks(value):
+        if chunk.shape[0] == 0:
+            continue
+        if isinstance(chunk, np.ndarray):
+            finite, low, high = bool(np.isfinite(chunk).all()), chunk.min(), chunk.max()
+        else:
+            finite = bool(torch.isfinite(chunk).all())
+            low, high = chunk.min().item(), chunk.max().item()
+        if not finite:
+            raise ValueError(
+                f"{where}: a {src} value cast to {dtype} must hold only finite numbers. Received: "
+                "a value with NaN or infinity, which has no integer form (the cast would "
+                f"silently give {info.min}). Replace them first (e.g. np.nan_to_num) or keep a "
+                "floating dtype."
+            )
+        if low < info.min or high > info.max:
+            raise ValueError(
+                f"{where}: a {src} value cast to {dtype} must lie in [{info.min}, {info.max}]. "
+                f"Received: values in a chunk ranging over [{low}, {high}] (the cast would wrap "
+                "them silently). Clip the value, or use a wider dtype (int64) or a floating one."
+            )
+
+
+def _value_checksum(value) -> int:
+    """CRC-32 of the value's bytes, read in chunks (a CUDA value is copied to the host chunk by chunk)."""
+    crc = 0
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value)
+        for chunk in _flat_chunks(value):
+            crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
+        return crc
+    for chunk in _flat_chunks(value.detach()):
+        host = chunk.to("cpu").contiguous().view(torch.uint8) if chunk.numel() else chunk
+        crc = zlib.crc32(host.numpy().tobytes() if host.numel() else b"", crc)
+    return crc
+
+
+def _check_same_everywhere(value, dtype, where) -> None:
+    """The value's checks on every rank at once: a cast problem or differing bytes raise everywhere."""
+    problem = error = None
+    crc = 0
+    try:
+        _check_cast(value, dtype, where)
+        if not (isinstance(value, torch.Tensor) and value.device.type == "meta"):
+            crc = _value_checksum(value)
+    except Exception as exc:
+        problem, error = describe(exc), exc
+    agree(problem, where=f"{where} (check_replicated)", error=error, values=(crc,),
+          names=("the CRC-32 of the value's bytes",),
+          mismatch=("every rank must pass the same full value (each keeps its slice, so differing "
+                    "values would silently give a variable stitched from different arrays, or "
+                    "replicas that disagree). Seed the RNG that made it identically on every rank, "
+                    "or broadcast it from rank 0 (torch.distributed.broadcast) before distributing."))
+
+
+def _checks_on(flag) -> bool:
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get(CHECK_REPLICATED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def distribute_variable(value, layout, *, shape=None, dtype=None, name=None,
+                        check_replicated=None) -> DTensor:
     """Create a variable already sharded as ``layout`` says: a DTensor holding this rank's shard.
 
     Args:
@@ -183,20 +275,38 @@ def distribute_variable(value, layout, *, shape=None, dtype=None, name=None) -> 
         shape, dtype: the full (global) shape and dtype; for tensors, optional
             checks/casts.
         name: the variable's name or path, used in logs, warnings and errors.
+        check_replicated: True checks that the full value is the same on every
+            rank (CRC-32 of its bytes, compared with one all-reduce) and raises
+            ValueError on every rank if not; None reads ``SHARDIMPL_CHECK_REPLICATED``
+            (default off). Applies to concrete values and the fallback path;
+            shard-local initializer draws agree by construction (agreed seeds).
+            Every rank must pass the same flag: the check is collective.
+
+    A float value cast to an integer dtype must be finite and in range
+    (ValueError otherwise, checked on the full value, so every rank that holds
+    the same value raises).
 
     Memory: allocates only the local shard on this rank's device (``cuda:LOCAL_RANK``
     for CUDA meshes, else CPU); the shard-local path adds one tile (1 MiB of
     float32) on the host at a time; the fallback path holds the full tensor
-    on the host briefly. Communication: none, except the first time a mesh is
-    converted (sub-group creation and one 8-byte seed broadcast).
+    on the host briefly; the value checks read the value in 2**20-element chunks.
+    Communication: none, except the first time a mesh is converted (sub-group
+    creation and one 8-byte seed broadcast) and, with ``check_replicated``, one
+    72-byte all-reduce.
     """
     kind, payload, full_shape, tdtype = _resolve_value(value, shape, dtype, name)
+    where = f"variable {name!r}" if name else "distribute_variable"
+    check = _checks_on(check_replicated)
+    if kind == "tensor" and not check:
+        _check_cast(payload, tdtype, where)
     tl: TorchLayout = resolve_layout(layout, full_shape, name=name)
     mesh = tl.mesh
     coord = mesh_coordinate(mesh)
     offsets, sizes = local_shard_bounds(full_shape, tuple(mesh.shape), tl.placements, coord)
     device = local_device(mesh)
     if kind == "tensor":
+        if check:
+            _check_same_everywhere(payload, tdtype, where)
         local = _local_from_tensor(payload, offsets, sizes, tdtype, device)
         path = "slice"
     else:
@@ -206,6 +316,8 @@ def distribute_variable(value, layout, *, shape=None, dtype=None, name=None) -> 
             path = "shard-local"
         else:
             full = _fallback_full(payload, full_shape, tdtype, name)
+            if check:
+                _check_same_everywhere(full, tdtype, where)
             local = full[shard_slices(offsets, sizes)].to(device=device, copy=True).contiguous()
             del full
             path = "fallback"

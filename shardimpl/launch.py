@@ -8,7 +8,12 @@ rendezvous, calls ``fn(*args)`` on each and returns their rows in rank order.
 A rank that raises becomes ``status="error"``, one that runs out of memory
 ``"oom"``, one still running at the deadline ``"timeout"``; after the first
 failure the others get a short grace period to finish and are then stopped,
-so the call returns within ``timeout`` plus a few seconds. Inside torchrun
+so the call returns within ``timeout`` (start-up included) plus a few seconds.
+``fn`` and its arguments are pickled here before any rank starts: one that
+cannot reach the ranks (a lambda, a local function) raises TypeError at once.
+Nothing is left behind: the rendezvous folder is removed and the ranks are
+stopped when the call returns, when a start fails, or when a `World` is
+garbage-collected without being closed. Inside torchrun
 (``TORCHELASTIC_RUN_ID`` set) nothing is spawned: this process is one rank,
 ``fn`` runs here and every rank gets all rows.
 
@@ -19,14 +24,17 @@ in well under a second after the first.
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.reduction
 import os
 import pickle
 import queue as queue_mod
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import traceback
+import weakref
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, Callable
@@ -133,7 +141,11 @@ def _rank_main(rank, world, init_file, backend, device, timeout, in_q, out_q):
         command = in_q.get()
         if command is None:
             break
-        fn, args, budget_bytes = command
+        try:
+            fn, args, budget_bytes = pickle.loads(command)
+        except BaseException as exc:  # e.g. fn's module is not importable in the rank
+            _send(out_q, RankResult(rank, "error", None, _describe(exc)))
+            break
         row = _call(fn, args, device, budget_bytes)
         _send(out_q, row)
         if row.status != "ok":
@@ -163,13 +175,42 @@ def _context():
     return _CTX
 
 
-def _stop(proc) -> None:
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(1.0)
-    if proc.is_alive():
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(1.0)
+def _stop_all(procs, grace: float = 1.0) -> None:
+    """SIGTERM every live rank, wait up to ``grace`` seconds for all, SIGKILL the rest."""
+    procs = [p for p in procs if p.pid is not None]  # never started: nothing to stop
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.join(1.0)
+
+
+def _cleanup(procs, workdir) -> None:
+    """What a World leaves if it is never closed: stop its ranks, remove its rendezvous folder."""
+    _stop_all(procs, grace=0.5)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pickled_call(fn, args, budget_bytes, where: str) -> bytes:
+    """The command a rank receives, pickled here: a fn the ranks cannot receive fails now, not there."""
+    try:
+        return bytes(multiprocessing.reduction.ForkingPickler.dumps((fn, args, budget_bytes)))
+    except Exception as exc:
+        raise TypeError(
+            f"{where}: fn and its arguments must be picklable to reach the ranks (fn a "
+            f"module-level function of an importable module, arguments plain data). Received: "
+            f"fn={getattr(fn, '__qualname__', fn)!r}, which cannot be pickled: {exc}. Move fn to "
+            "the top level of a module (not a lambda, a local function or a bound method of an "
+            "unpicklable object)."
+        ) from None
 
 
 def _in_torchrun() -> bool:
@@ -215,43 +256,104 @@ class World:
         self.backend = _backend_for(device, self.nprocs)
         self._timeout = timeout
         self._procs = []
+        self._workdir = None
+        self._finalizer = None
+        self._starting = threading.Lock()  # held while start() runs (maybe in a starter thread)
+        self._abandoned = False  # the deadline passed during start(): it cleans up when done
         self.closed = False
 
     def start(self) -> "World":
-        ctx = _context()
-        self._workdir = tempfile.mkdtemp(prefix="shardimpl-rdzv-")
-        self._out_q = ctx.Queue()
-        self._in_qs = [ctx.Queue() for _ in range(self.nprocs)]
-        self._procs = [
-            ctx.Process(
-                target=_rank_main,
-                args=(r, self.nprocs, os.path.join(self._workdir, "store"), self.backend,
-                      self.device, self._timeout, self._in_qs[r], self._out_q),
-                daemon=True,
-            )
-            for r in range(self.nprocs)
-        ]
-        for p in self._procs:
-            p.start()
+        """Start the ranks (they join in the background); on any failure nothing is left behind."""
+        with self._starting:
+            if not self._procs:
+                self._start()
         return self
 
+    def _start(self) -> None:
+        ctx = _context()
+        self._workdir = tempfile.mkdtemp(prefix="shardimpl-rdzv-")
+        procs: list = []
+        self._finalizer = weakref.finalize(self, _cleanup, procs, self._workdir)
+        try:
+            self._out_q = ctx.Queue()
+            self._in_qs = [ctx.Queue() for _ in range(self.nprocs)]
+            for r in range(self.nprocs):
+                procs.append(ctx.Process(
+                    target=_rank_main,
+                    args=(r, self.nprocs, os.path.join(self._workdir, "store"), self.backend,
+                          self.device, self._timeout, self._in_qs[r], self._out_q),
+                    daemon=True,
+                ))
+            for p in procs:
+                p.start()
+        except BaseException:
+            self._finalizer()  # stop what started, remove the rendezvous folder
+            self.closed = True
+            raise
+        self._procs = procs
+
+    def _start_by(self, deadline: float) -> bool:
+        """Start the ranks, waiting at most until ``deadline``; False if they were still starting.
+
+        Starting can block for seconds (the forkserver imports torch once per
+        session, more on a loaded machine); it runs in a thread so that the
+        deadline holds. A start that misses it finishes in that thread and then
+        stops its ranks and removes its folder.
+        """
+        box: dict = {}
+        lock = threading.Lock()
+
+        def starter():
+            try:
+                self.start()
+            except BaseException as exc:
+                box["error"] = exc
+            with lock:
+                box["done"] = True
+                abandoned = self._abandoned
+            if abandoned and self._finalizer is not None:
+                self._finalizer()
+
+        thread = threading.Thread(target=starter, name="shardimpl-world-start", daemon=True)
+        thread.start()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        with lock:
+            if not box.get("done"):
+                self._abandoned = self.closed = True
+                return False
+        if "error" in box:
+            raise box["error"]
+        return True
+
     def run(self, fn: Callable, *args, timeout: float | None = None,
-            budget_bytes: int | None = None) -> list[RankResult]:
-        """Run ``fn(*args)`` on every rank; rows in rank order (see `run` for statuses)."""
+            budget_bytes: int | None = None, _deadline: float | None = None) -> list[RankResult]:
+        """Run ``fn(*args)`` on every rank; rows in rank order (see `run` for statuses).
+
+        ``timeout`` bounds this call, including the ranks' start-up when it is the first.
+        """
+        deadline = _deadline or time.monotonic() + (timeout or self._timeout)
         if self.closed:
             raise RuntimeError("this World is closed (a rank failed or timed out); start a new one.")
-        if not self._procs:
-            self.start()
+        command = _pickled_call(fn, args, budget_bytes, "World.run")
+        if not self._procs and not self._start_by(deadline):
+            return [RankResult(r, "timeout", None, "the ranks were still starting at the deadline "
+                               "(the timeout includes start-up); stopped once started")
+                    for r in range(self.nprocs)]
         for q in self._in_qs:
-            q.put((fn, args, budget_bytes))
-        rows = _collect(self._procs, self._out_q, time.monotonic() + (timeout or self._timeout))
+            q.put(command)
+        rows = _collect(self._procs, self._out_q, deadline)
         if any(r.status != "ok" for r in rows.values()):
-            self.close()
+            self.close(grace=0.5)  # ranks that failed or timed out may be stuck in a collective
         return [rows[r] for r in range(self.nprocs)]
 
-    def close(self) -> None:
-        if not self._procs or self.closed:
+    def close(self, grace: float = 3.0) -> None:
+        """Let the ranks leave (up to ``grace`` s), stop the rest, remove the rendezvous folder."""
+        if self._abandoned:
+            return  # the starter thread cleans up once its start finishes
+        if self.closed or not self._procs:
             self.closed = True
+            if self._finalizer is not None:
+                self._finalizer()
             return
         self.closed = True
         for q in self._in_qs:
@@ -259,12 +361,12 @@ class World:
                 q.put(None)
             except (OSError, ValueError):
                 pass
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + grace
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
-            _stop(p)
+        _stop_all(self._procs)
         self._out_q.close()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._finalizer()
 
     def __enter__(self) -> "World":
         return self.start()
@@ -283,15 +385,22 @@ def run(
 ) -> list[RankResult]:
     """Run ``fn(*args)`` on ``nprocs`` ranks and return one `RankResult` per rank, in rank order.
 
-    ``fn`` must be importable (a module-level function) and its return value
-    picklable. ``budget_bytes`` puts every rank under `shardimpl.budgets.budget`
-    while ``fn`` runs. ``timeout`` (seconds) bounds the whole call, start-up
-    included: ranks still running then are stopped and reported as "timeout".
+    ``fn`` (a module-level function) and ``args`` must be picklable: TypeError at
+    once otherwise, before any rank starts. A return value that cannot be
+    pickled makes that rank's row an error.
+    ``budget_bytes`` puts every rank under `shardimpl.budgets.budget` while
+    ``fn`` runs. ``timeout`` (seconds) bounds the whole call, start-up
+    included: ranks still running then are stopped and reported as "timeout";
+    the call returns at most a few seconds (stopping the ranks) after it.
     """
+    deadline = time.monotonic() + timeout
     if _in_torchrun():
         return _run_in_torchrun(fn, int(nprocs), args, device, budget_bytes, timeout)
-    with World(nprocs, device=device, timeout=timeout) as world:
-        return world.run(fn, *args, timeout=timeout, budget_bytes=budget_bytes)
+    world = World(nprocs, device=device, timeout=timeout)
+    try:
+        return world.run(fn, *args, timeout=timeout, budget_bytes=budget_bytes, _deadline=deadline)
+    finally:
+        world.close()
 
 
 def _collect(procs, out_q, deadline) -> dict[int, RankResult]:

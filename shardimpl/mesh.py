@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from shardimpl.layout import TorchLayout, axes_to_placements, check_placements
-from shardimpl.seeds import agree_base_seed
+from shardimpl.seeds import agree_base_seed, reset_seeds
 
 __all__ = [
     "to_torch_mesh",
@@ -48,25 +48,74 @@ def _world_size() -> int:
 
 
 
-def _ensure_process_group(mesh_size: int, where: str) -> None:
-    """A one-device mesh may run without a process group: make a private one."""
-    if dist.is_initialized():
-        return
-    if mesh_size > 1:
+def _check_process_group(mesh_size: int, where: str) -> None:
+    if mesh_size > 1 and not dist.is_initialized():
         raise ValueError(
             f"{where}: the device mesh has {mesh_size} devices but no torch.distributed "
             "process group is initialized in this process. Start the ranks with "
             "torchrun or shardimpl.launch.run, or call keras.distribution.initialize() / "
             "torch.distributed.init_process_group() before distributing variables."
         )
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
+
+def _check_device_type(device_type: str, where: str) -> None:
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{where}: the mesh names 'gpu:R' devices but this torch has no usable CUDA "
+            f"device (torch {torch.__version__}, CUDA build: {torch.version.cuda}, "
+            f"devices: {torch.cuda.device_count() if torch.version.cuda else 0}). Build the mesh from "
+            "keras.distribution.list_devices() (it names 'cpu:R' here), or install a CUDA "
+            "build of torch on a machine with a GPU."
+        )
+
+
+def _new_mesh(device_type: str, ranks, shape, names) -> DeviceMesh:
+    """A torch DeviceMesh; without a process group (one rank), one that needs none.
+
+    A one-rank mesh never communicates, so it is built without a backend
+    (``_init_backend=False, _rank=0``; private DeviceMesh arguments, present in
+    torch 2.13) instead of creating a world-1 default process group behind the
+    user's back: nothing is left that would block a later
+    ``keras.distribution.initialize()`` or ``torch.distributed.init_process_group()``.
+    """
+    layout = torch.tensor(ranks, dtype=torch.int64).reshape(shape)
+    if dist.is_initialized():
+        return DeviceMesh(device_type, layout, mesh_dim_names=names)
+    try:
+        return DeviceMesh(device_type, layout, mesh_dim_names=names, _init_backend=False, _rank=0)
+    except TypeError as exc:  # the private arguments moved: say so, never create a group silently
+        raise RuntimeError(
+            "shardimpl builds one-rank meshes without a process group using torch's private "
+            f"DeviceMesh(_init_backend=False, _rank=0) (torch 2.13); this torch ({torch.__version__}) "
+            f"refused them: {exc}. Call torch.distributed.init_process_group('gloo', "
+            "init_method='tcp://127.0.0.1:0', rank=0, world_size=1) yourself first."
+        ) from exc
+
+
+def _world_key():
+    """Identifies the current world: the seed agreed for one world must not serve another."""
+    if not dist.is_initialized():
+        return None
+    return (dist.get_world_size(), id(dist.group.WORLD))
+
+
+_seed_world: list = []
+
+
+def _agree_seed_for_this_world(device_type: str) -> None:
+    key = _world_key()
+    if _seed_world and _seed_world[0] != key:
+        reset_seeds()  # a new world (e.g. initialize() after a one-rank mesh): agree afresh
+    _seed_world[:] = [key]
+    agree_base_seed(device_type)
 
 
 def to_torch_mesh(keras_mesh, *, where: str = "layout") -> DeviceMesh:
     """Convert (and cache) a `keras.distribution.DeviceMesh` to a torch `DeviceMesh`.
 
-    Device ``"cpu:R"`` / ``"gpu:R"`` means global rank ``R``. Collective: on the
+    Device ``"cpu:R"`` / ``"gpu:R"`` means global rank ``R``; ``gpu`` needs a
+    CUDA device (checked here, with the fix). A one-device mesh needs no
+    process group and creates none (see `_new_mesh`). Collective: on the
     first call for a mesh, torch creates one sub-group per mesh axis (all ranks
     must convert the same meshes in the same order) and the ranks agree on a
     base seed (one broadcast of 8 bytes). Later calls hit the cache.
@@ -82,7 +131,8 @@ def to_torch_mesh(keras_mesh, *, where: str = "layout") -> DeviceMesh:
     ranks = [r for _, r in devices]
     shape = tuple(int(s) for s in keras_mesh.shape)
     names = tuple(keras_mesh.axis_names)
-    _ensure_process_group(len(ranks), where)
+    _check_device_type(device_type, where)
+    _check_process_group(len(ranks), where)
     world = _world_size()
     if len(ranks) != world or sorted(ranks) != list(range(world)):
         raise ValueError(
@@ -94,11 +144,10 @@ def to_torch_mesh(keras_mesh, *, where: str = "layout") -> DeviceMesh:
     key = (device_type, shape, names, tuple(ranks))
     mesh = _MESH_CACHE.get(key)
     if mesh is None:
-        mesh = DeviceMesh(
-            device_type,
-            torch.tensor(ranks, dtype=torch.int64).reshape(shape),
-            mesh_dim_names=names,
-        )
+        if dist.is_initialized():
+            mesh = DeviceMesh(device_type, torch.tensor(ranks, dtype=torch.int64).reshape(shape), mesh_dim_names=names)
+        else:
+            mesh = DeviceMesh(device_type, torch.tensor(ranks, dtype=torch.int64).reshape(shape), mesh_dim_names=names, _init_backend=False, _rank=0)
         agree_base_seed(device_type)
         _MESH_CACHE[key] = mesh
     return mesh

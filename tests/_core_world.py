@@ -158,7 +158,7 @@ def dst_gather_memory(rows, cols):
 
 
 def comm_counts():
-    """Creation issues no collective; a gather issues one broadcast per distinct shard."""
+    """Creation issues no collective; a gather one agreement all-reduce, then one broadcast per distinct shard."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     mesh = _mesh_1d()
@@ -171,7 +171,9 @@ def comm_counts():
         shardimpl.all_gather_variable(v)
     with CommDebugMode() as replicated_mode:
         shardimpl.all_gather_variable(r)
-    return create_mode.get_total_counts(), gather_mode.get_total_counts(), replicated_mode.get_total_counts()
+    by_op = {str(op).split(".")[-1]: int(c) for op, c in gather_mode.get_comm_counts().items()}
+    return (create_mode.get_total_counts(), gather_mode.get_total_counts(), replicated_mode.get_total_counts(),
+            by_op)
 
 
 def mesh_2x2_cases():

@@ -92,9 +92,15 @@ def test_dst_gather_allocates_full_size_on_destination_only(world):
 def test_creation_issues_no_collective_and_gather_one_broadcast_per_shard(world):
     n, values = world
     for value in values:
-        create, gather, replicated = value["comm"]
+        create, gather, replicated, by_op = value["comm"]
         assert create == 0
-        assert gather == min(n, 64)  # (64, 8) on dim 0: every rank owns a non-empty shard
+        if n == 1:
+            assert gather == 0, by_op  # one rank: a local copy, nothing to agree on
+        else:
+            # (64, 8) on dim 0: every rank owns a non-empty shard, one broadcast each,
+            # after one 72-byte all-reduce where the ranks agree (shardimpl.agree).
+            assert by_op == {"broadcast_": n, "allreduce_": 1}, by_op
+            assert gather == n + 1
         assert replicated == 0
 
 

@@ -75,6 +75,11 @@ def patch_table() -> list[Patch]:
 
         return mod
 
+    def legacy_h5():
+        from keras.src.legacy.saving import legacy_h5_format as mod
+
+        return mod
+
     def variable():
         return core().Variable
 
@@ -119,6 +124,9 @@ def patch_table() -> list[Patch]:
         Patch("keras.src.saving.saving_lib", "save_weights_only",
               "as save_model, for save_weights",
               _one(saving_lib), saving.atomic_save),
+        Patch("keras.src.legacy.saving.legacy_h5_format", "save_model_to_hdf5",
+              "as save_model, for legacy .h5 files (else every rank opens the same HDF5 file)",
+              _one(legacy_h5), saving.atomic_save),
         Patch("keras.src.trainers.data_adapters", "get_data_adapter",
               "every rank loads the same global batches; the steps lay them out",
               _one(data_adapters), steps.wrap_get_data_adapter),

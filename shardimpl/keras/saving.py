@@ -6,11 +6,13 @@
   rank 0 gathers (``dst=0``); the others get an empty placeholder.
 * ``assign`` (``set_weights``, ``load_weights``): a full value is resharded by
   keeping this rank's slice; nothing of full size reaches the device.
-* ``save_weights`` / ``model.save``: every rank walks the model (the gathers
-  are collective); rank 0 writes to a temporary file next to the target and
-  renames it after every rank finished, so a failing rank leaves no partial
-  file; the other ranks write their placeholders to a private temporary
-  folder that is removed. The result is an ordinary Keras file.
+* ``save_weights`` / ``model.save`` (``.keras`` and legacy ``.h5``): every
+  rank walks the model (the gathers are collective); rank 0 writes to a
+  temporary file next to the target and renames it after every rank finished,
+  so a failing rank leaves no partial file; the other ranks write their
+  placeholders to a private temporary folder that is removed. A failure on
+  one rank raises on every rank (`atomic_save`). The result is an ordinary
+  Keras file.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import tempfile
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
+from shardimpl.agree import agree, describe, during, was_agreed
 from shardimpl.gather import gather_variable
 from shardimpl.keras.active import current_distribution
 from shardimpl.keras.compat import torch_core
@@ -60,8 +63,7 @@ def saving_scope():
 
 
 def _full_host_tensor(x: DTensor):
-    if any(not isinstance(p, (Shard, Replicate)) for p in x.placements):
-        x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
+    # Partial / _StridedShard placements are gathered right by gather_variable, after its agreement.
     replicated = all(isinstance(p, Replicate) for p in x.placements)
     # Replicated values are whole on every rank already (configs read them while saving).
     dst = 0 if _state["saving"] and not replicated else None
@@ -128,38 +130,66 @@ def wrap_convert_to_tensor(original):
 
 
 def atomic_save(original):
+    """Wrap a Keras writer (``save_model``, ``save_weights_only``, legacy ``save_model_to_hdf5``)
+    so that under a distribution rank 0 writes the file once and every rank ends together.
+
+    Every rank walks the model (the gathers are collective) writing to a private
+    temporary folder (rank 0: next to the target; the others: the system's
+    temporary folder, placeholders only); once every rank finished, rank 0
+    renames its file onto the target. A failure on any rank, anywhere, raises on
+    every rank within one gather: the failing rank reports it at the others'
+    next agreement point (each gather starts with one, see `shardimpl.agree`)
+    instead of leaving them blocked in a gather. The private folders are
+    removed on every rank in every case; the target is untouched on failure.
+    """
+
     @functools.wraps(original)
     def save(model, filepath, *args, **kwargs):
         if current_distribution() is None or not dist.is_initialized() or dist.get_world_size() == 1:
             return original(model, filepath, *args, **kwargs)
-        filepath = os.fspath(filepath)
-        folder = os.path.dirname(os.path.abspath(filepath))
-        private = tempfile.mkdtemp(prefix=".shardimpl-save-", dir=folder if _rank() == 0 else None)
-        target = os.path.join(private, os.path.basename(filepath))
-        ok = torch.tensor([1], dtype=torch.int32)
+        where = f"saving {filepath!r}"
+        rank = _rank()
+        private = None
+        _state["wrote"] = False
         try:
-            with saving_scope():
-                original(model, target, *args, **kwargs)
-        except BaseException:
-            ok.zero_()
-            _all_ok(ok)
-            shutil.rmtree(private, ignore_errors=True)
+            if not isinstance(filepath, (str, os.PathLike)):
+                raise TypeError(
+                    f"{where}: under a distribution a model is saved to a file path (rank 0 writes "
+                    f"it once every rank gathered). Received: filepath of type "
+                    f"{type(filepath).__name__}. Pass a path such as 'model.keras'."
+                )
+            filepath = os.fspath(filepath)
+            folder = os.path.dirname(os.path.abspath(filepath))
+            if rank == 0:
+                os.makedirs(folder, exist_ok=True)
+                private = tempfile.mkdtemp(prefix=".shardimpl-save-", dir=folder)
+            else:
+                private = tempfile.mkdtemp(prefix="shardimpl-save-")
+            with saving_scope(), during(where):
+                original(model, os.path.join(private, os.path.basename(filepath)), *args, **kwargs)
+            agree(None, where=where)  # every rank walked the whole model
+            problem = error = None
+            if rank == 0:
+                try:
+                    os.replace(os.path.join(private, os.path.basename(filepath)), filepath)
+                except Exception as exc:
+                    problem, error = describe(exc), exc
+            agree(problem, where=where, error=error)
+            _state["wrote"] = rank == 0
+        except BaseException as exc:
+            if not was_agreed(exc):
+                # This rank alone failed: meet the others at their next agreement point
+                # (a gather's, or the end of the walk) so they raise too, then raise ours.
+                try:
+                    agree(describe(exc), where=where, error=exc)
+                except BaseException:
+                    pass
             raise
-        all_ok = _all_ok(ok)
-        _state["wrote"] = _rank() == 0 and all_ok
-        if _state["wrote"]:
-            os.replace(target, filepath)
-        shutil.rmtree(private, ignore_errors=True)
-        if not all_ok:
-            raise RuntimeError(f"saving {filepath!r} failed on another rank; no file was written.")
-        dist.barrier()
+        finally:
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
 
     return save
-
-
-def _all_ok(flag: torch.Tensor) -> bool:
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def convert_to_numpy_owners():
