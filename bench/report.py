@@ -47,12 +47,14 @@ def _summary(rows):
         status = "OOM" if any(r["oom"] for r in rs) else ("ok" if all(r["status"] == "ok" for r in rs)
                                                           else next(r["status"] for r in rs if r["status"] != "ok"))
         peak = max(peaks) if peaks and status == "ok" else None
+        hosts = [r.get("host_peak_bytes") for r in rs if r.get("host_peak_bytes") is not None]
         ideal = rs[0]["ideal_bytes"]
         init = [r["init_seconds"] for r in rs if r["init_seconds"] is not None]
         gather = [r["gather_seconds"] for r in rs if r["gather_seconds"] is not None]
         out.append({
             "family": key[0], "param_bytes": key[1], "ranks": key[2], "mode": key[3], "phase": key[4],
             "budget_bytes": key[5] or None, "peak_bytes": peak, "ideal_bytes": ideal, "ratio": None if peak is None else peak / ideal,
+            "host_peak_bytes": max(hosts) if hosts and status == "ok" else None,
             "status": status, "init_seconds": max(init) if init else None,
             "gather_seconds": max(gather) if gather else None,
         })
@@ -61,13 +63,13 @@ def _summary(rows):
 
 def table(rows) -> str:
     """The scaling table: per-rank peak (worst rank), its ratio to the ideal, times, status."""
-    head = ("family", "params MiB", "N", "mode", "phase", "budget MiB", "peak/rank MiB", "ideal MiB",
-            "ratio", "init s", "gather s", "status")
+    head = ("family", "params MiB", "N", "mode", "phase", "budget MiB", "peak/rank MiB", "host/rank MiB",
+            "ideal MiB", "ratio", "init s", "gather s", "status")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for s in _summary(rows):
         lines.append(" | ".join([
             s["family"], _mib(s["param_bytes"]), str(s["ranks"]), s["mode"], s["phase"],
-            _mib(s["budget_bytes"]), _mib(s["peak_bytes"]), _mib(s["ideal_bytes"]),
+            _mib(s["budget_bytes"]), _mib(s["peak_bytes"]), _mib(s["host_peak_bytes"]), _mib(s["ideal_bytes"]),
             "-" if s["ratio"] is None else f"{s['ratio']:.3f}",
             "-" if s["init_seconds"] is None else f"{s['init_seconds']:.2f}",
             "-" if s["gather_seconds"] is None else f"{s['gather_seconds']:.2f}",
@@ -89,7 +91,8 @@ def write_report(path, meta_: dict, rows, plots=()) -> None:
         f"{meta_['machine']['cpus']} CPUs, per-rank budget "
         f"{'none' if not budget else _mib(budget) + ' MiB'}.", "",
         "Per-rank peak = the worst rank's peak of live bytes (PeakMeter: CPU allocator-level "
-        "tracker, or CUDA allocator peak). Ideal = P/N for a build, 2P/N (gradients + momentum) "
+        "tracker, or CUDA allocator peak); host = the worst rank's host peak (whole process: "
+        "resident high-water and Python/numpy allocations, torch or not). Ideal = P/N for a build, 2P/N (gradients + momentum) "
         "for a train step. Rows with a budget ran under that per-rank allocation limit; OOM = the "
         "allocator refused under it. Plots draw unbudgeted peaks and budgeted OOMs (at y = P).", "",
         table(rows), "",
