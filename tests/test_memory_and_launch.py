@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,122 @@ def test_meter_sees_dtensor_local_storage():
         w = shardimpl.distribute_variable("zeros", layout, shape=(1024, 1024), dtype="float32")
     assert isinstance(w, DTensor)
     assert _within(m.result().device_peak_bytes, 4 * MiB)
+
+
+# --- the host figure: every byte the process takes, torch or not ---------------------------
+
+
+def _host_close(measured, expected):
+    """Host readings are page-granular and include the interpreter's own small allocations."""
+    return abs(measured - expected) <= 0.02 * expected + MiB
+
+
+def _c_malloc_filled(nbytes):
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    ptr = libc.malloc(nbytes)
+    ctypes.memset(ptr, 1, nbytes)
+    libc.free(ptr)
+
+
+HOST_CASES = {  # name: (make and drop, torch figure expected, host figure expected)
+    "torch tensor": (lambda: torch.ones(64 * MiB, dtype=torch.uint8), 64 * MiB, 64 * MiB),
+    "numpy array": (lambda: np.ones(64 * MiB, dtype=np.uint8), 0, 64 * MiB),
+    "numpy, never written": (lambda: np.empty(64 * MiB, dtype=np.uint8), 0, 64 * MiB),
+    "bytes (calloc'd zeros)": (lambda: bytes(64 * MiB), 0, 64 * MiB),
+    "bytes, written": (lambda: b"x" * (64 * MiB), 0, 64 * MiB),
+    "C malloc, written": (lambda: _c_malloc_filled(64 * MiB), 0, 64 * MiB),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOST_CASES))
+def test_host_figure_sees_torch_numpy_python_and_c_allocations(name):
+    make, torch_expected, host_expected = HOST_CASES[name]
+    with PeakMeter("cpu") as m:
+        x = make()
+        del x
+    r = m.result()
+    print(name, r)
+    assert _within(r.device_peak_bytes, torch_expected) or r.device_peak_bytes <= 64 * 1024, r
+    assert _host_close(r.host_peak_bytes, host_expected), r
+    assert r.host_peak_bytes == max(r.host_resident_peak_bytes, r.host_traced_peak_bytes)
+
+
+def test_host_views_say_what_each_saw():
+    with PeakMeter("cpu") as m:
+        x = np.empty(32 * MiB, dtype=np.uint8)  # allocated, never touched: traced only
+        del x
+        _c_malloc_filled(16 * MiB)  # touched, outside Python's allocators: resident only
+    r = m.result()
+    assert _host_close(r.host_traced_peak_bytes, 32 * MiB), r
+    assert _host_close(r.host_resident_peak_bytes, 16 * MiB), r
+    assert r.host_blind_bytes is not None and r.host_blind_bytes >= 0
+
+
+def test_host_figure_without_tracing_is_the_resident_view():
+    with PeakMeter("cpu", trace_python=False) as m:
+        x = np.ones(16 * MiB, dtype=np.uint8)
+        del x
+    r = m.result()
+    assert r.host_traced_peak_bytes is None
+    assert _host_close(r.host_peak_bytes, 16 * MiB) and r.host_peak_bytes == r.host_resident_peak_bytes
+
+
+def test_nested_meters_outer_keeps_the_peak_before_the_inner_one():
+    """Each meter used to reset the process's peak counter on entry: an outer meter around a
+    64 MiB allocation then read 32 MiB once an inner meter had opened."""
+    with PeakMeter("cpu") as outer:
+        a = np.ones(64 * MiB, dtype=np.uint8)
+        del a
+        with PeakMeter("cpu") as inner:
+            b = torch.ones(32 * MiB, dtype=torch.uint8)
+            del b
+        c = bytes(8 * MiB)
+        del c
+    o, i = outer.result(), inner.result()
+    assert _host_close(o.host_peak_bytes, 64 * MiB), o
+    assert _host_close(o.host_resident_peak_bytes, 64 * MiB), o
+    assert _host_close(i.host_peak_bytes, 32 * MiB), i
+    assert _within(o.device_peak_bytes, 32 * MiB) and _within(i.device_peak_bytes, 32 * MiB)
+
+
+def test_nested_meters_inner_peak_reaches_the_outer_one():
+    with PeakMeter("cpu") as outer:
+        with PeakMeter("cpu") as inner:
+            x = np.ones(48 * MiB, dtype=np.uint8)
+            del x
+        y = np.ones(8 * MiB, dtype=np.uint8)
+        del y
+    assert _host_close(inner.result().host_peak_bytes, 48 * MiB)
+    assert _host_close(outer.result().host_peak_bytes, 48 * MiB)
+
+
+def test_host_figure_sees_other_threads_and_overlapping_meters():
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def worker():
+        with PeakMeter("cpu") as m:
+            started.set()
+            release.wait(30)
+        worker.result = m.result()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    started.wait(30)
+    with PeakMeter("cpu") as mine:  # opens after the worker's, closes before it: not nested
+        x = np.ones(40 * MiB, dtype=np.uint8)  # this thread's allocation, inside both blocks
+        del x
+    release.set()
+    t.join(30)
+    assert _host_close(mine.result().host_peak_bytes, 40 * MiB)
+    assert _host_close(worker.result.host_peak_bytes, 40 * MiB)
 
 
 def test_meter_result_before_exit_is_an_error():
