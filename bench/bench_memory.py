@@ -2,7 +2,19 @@
 
 Per-rank figures come from the launched ranks (their PeakMeter), never from the
 asv process's own RSS, hence `track_*` with ``unit = "bytes"`` rather than
-asv's ``peakmem_``.
+asv's ``peakmem_``. Two kinds of memory track:
+
+* ``track_*_peak``: the torch-allocator figure, exact to the byte and the same
+  in every run of unchanged code: `asv continuous --factor 1.1` can gate it.
+* ``track_*_host_over_bound``: bytes by which the worst rank's host figure (the
+  whole process, torch or not) exceeds the gate's host bound
+  (``PEAK_FACTOR x P/N + HOST_ALLOWANCE_BYTES``, `bench.gate`): 0 on a clean
+  tree, so any full-size host buffer, inside torch or not, reads as a
+  regression from 0. ``track_host_*_peak`` records the raw host figure (page
+  granular, about 1 MiB of run-to-run noise: graphs, not the gate).
+
+A scenario whose ranks failed raises, so asv records a failure (a regression
+in `asv continuous`) rather than a number.
 """
 
 from __future__ import annotations
@@ -12,59 +24,75 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 FAMILIES = ["mlp", "transformer"]
-SIZES_MIB = [16, 64]
+SIZE_MIB = 16
 RANKS = [1, 2, 4]
 MiB = 1 << 20
 
 
-def _worst(rows, phase):
-    peaks = [r["peak_bytes"] for r in rows if r["phase"] == phase and r["peak_bytes"] is not None]
-    if len(peaks) != len([r for r in rows if r["phase"] == phase]):
-        return float("nan")  # a rank OOMed or failed: asv records it as a failed point
-    return max(peaks)
+def _worst(rows, phase, key="peak_bytes"):
+    rows = [r for r in rows if r["phase"] == phase]
+    bad = [r for r in rows if r["status"] != "ok" or r[key] is None]
+    if bad:
+        raise RuntimeError(f"{len(bad)} rank(s) failed: {bad[0]['status']}: {bad[0]['error']}")
+    return max(r[key] for r in rows)
+
+
+def _host_over_bound(rows, phase="build"):
+    from bench.gate import HOST_ALLOWANCE_BYTES, PEAK_FACTOR
+
+    bound = PEAK_FACTOR * rows[0]["ideal_bytes"] + HOST_ALLOWANCE_BYTES
+    return max(0.0, _worst(rows, phase, "host_peak_bytes") - bound)
 
 
 class ModelBuildMemory:
-    """Per-rank build and train-step peaks for each family x size x N, both modes."""
+    """Per-rank build and train-step peaks of a 16 MiB model of each family on N ranks."""
 
-    params = (FAMILIES, SIZES_MIB, RANKS)
-    param_names = ["family", "size_mib", "ranks"]
-    timeout = 900
+    params = (FAMILIES, RANKS)
+    param_names = ["family", "ranks"]
+    timeout = 1200
 
     def setup_cache(self):
         from bench.scenarios import Scenario, rows_for, run_scenario
 
         cache = {}
         for family in FAMILIES:
-            for size in SIZES_MIB:
-                for n in RANKS:
-                    for mode in ("sharded", "unsharded"):
-                        s = Scenario(family, size * MiB, n, mode)
-                        rows = rows_for(s, run_scenario(s, timeout=300))
-                        cache[(family, size, n, mode)] = {
-                            "build": _worst(rows, "build"), "step": _worst(rows, "step"),
-                            "ideal": rows[0]["ideal_bytes"],
-                        }
+            for n in RANKS:
+                for mode in ("sharded", "unsharded"):
+                    # The build alone (a failing train step must not hide the build's figures) ...
+                    s = Scenario(family, SIZE_MIB * MiB, n, mode, step=False)
+                    cache[(family, n, mode)] = rows_for(s, run_scenario(s, timeout=300))
+                s = Scenario(family, SIZE_MIB * MiB, n, "sharded")  # ... and with a train step
+                cache[(family, n, "sharded-step")] = rows_for(s, run_scenario(s, timeout=300))
         return cache
 
-    def track_sharded_build_peak(self, cache, family, size_mib, ranks):
-        return cache[(family, size_mib, ranks, "sharded")]["build"]
+    def track_sharded_build_peak(self, cache, family, ranks):
+        return _worst(cache[(family, ranks, "sharded")], "build")
 
     track_sharded_build_peak.unit = "bytes"
 
-    def track_unsharded_build_peak(self, cache, family, size_mib, ranks):
-        return cache[(family, size_mib, ranks, "unsharded")]["build"]
+    def track_sharded_build_host_over_bound(self, cache, family, ranks):
+        return _host_over_bound(cache[(family, ranks, "sharded")])
+
+    track_sharded_build_host_over_bound.unit = "bytes"
+
+    def track_host_sharded_build_peak(self, cache, family, ranks):
+        return _worst(cache[(family, ranks, "sharded")], "build", "host_peak_bytes")
+
+    track_host_sharded_build_peak.unit = "bytes"
+
+    def track_unsharded_build_peak(self, cache, family, ranks):
+        return _worst(cache[(family, ranks, "unsharded")], "build")
 
     track_unsharded_build_peak.unit = "bytes"
 
-    def track_sharded_step_peak(self, cache, family, size_mib, ranks):
-        return cache[(family, size_mib, ranks, "sharded")]["step"]
+    def track_sharded_step_peak(self, cache, family, ranks):
+        return _worst(cache[(family, ranks, "sharded-step")], "step")
 
     track_sharded_step_peak.unit = "bytes"
 
-    def track_sharded_build_ratio_to_ideal(self, cache, family, size_mib, ranks):
-        entry = cache[(family, size_mib, ranks, "sharded")]
-        return entry["build"] / entry["ideal"]
+    def track_sharded_build_ratio_to_ideal(self, cache, family, ranks):
+        rows = cache[(family, ranks, "sharded")]
+        return _worst(rows, "build") / rows[0]["ideal_bytes"]
 
     track_sharded_build_ratio_to_ideal.unit = "ratio"
 
@@ -110,3 +138,13 @@ class DistributeGather:
         return max(r.value["peak_bytes"] for r in self.world.run(ops.distribute_once, size_mib))
 
     track_distribute_peak.unit = "bytes"
+
+    def track_distribute_host_over_bound(self, size_mib, ranks):
+        from bench import ops
+        from bench.gate import HOST_ALLOWANCE_BYTES, PEAK_FACTOR
+
+        rows = self.world.run(ops.distribute_once, size_mib)
+        bound = PEAK_FACTOR * (size_mib * MiB) / ranks + HOST_ALLOWANCE_BYTES
+        return max(0.0, max(r.value["host_peak_bytes"] for r in rows) - bound)
+
+    track_distribute_host_over_bound.unit = "bytes"

@@ -1,7 +1,10 @@
 """Rank-side operations timed by the asv and pytest-benchmark suites.
 
 Each runs on every rank of a `shardimpl.launch.World` and returns this rank's
-measurements, so the parent can time the call and record per-rank peaks.
+measurements, so the parent can time the call and record per-rank peaks: both
+of `PeakMeter`'s figures, ``peak_bytes`` (torch's allocator, exact to the byte
+and deterministic) and ``host_peak_bytes`` (the whole process, torch or not;
+page-granular, within about 1 MiB from run to run).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _layout(device: str):
 
 
 def distribute_once(size_mib: int, device: str = "cpu") -> dict:
-    """Create a sharded GlorotUniform kernel of ``size_mib`` MiB; returns peak and shard bytes."""
+    """Create a sharded GlorotUniform kernel of ``size_mib`` MiB; returns peaks and shard bytes."""
     import shardimpl
     from shardimpl.meters import PeakMeter
 
@@ -42,7 +45,8 @@ def distribute_once(size_mib: int, device: str = "cpu") -> dict:
                                           dtype="float32", name="bench/kernel")
     _cache["var"] = v
     local = v.to_local()
-    return {"peak_bytes": m.result().device_peak_bytes, "local_bytes": local.numel() * local.element_size()}
+    return {"peak_bytes": m.result().device_peak_bytes, "host_peak_bytes": m.result().host_peak_bytes,
+            "local_bytes": local.numel() * local.element_size()}
 
 
 def gather_once(size_mib: int, device: str = "cpu") -> dict:
@@ -61,4 +65,5 @@ def gather_once(size_mib: int, device: str = "cpu") -> dict:
     ok = full is None or tuple(full.shape) == tuple(v.shape)
     del full
     dist.barrier()
-    return {"peak_bytes": m.result().device_peak_bytes, "ok": bool(ok)}
+    return {"peak_bytes": m.result().device_peak_bytes, "host_peak_bytes": m.result().host_peak_bytes,
+            "ok": bool(ok)}

@@ -54,6 +54,26 @@ def test_compare_memory_flags_growth_beyond_factor_and_missing_benchmarks(tmp_pa
     assert compare.main([base, cur]) == 1
 
 
+def test_compare_memory_gates_the_host_figure_with_factor_and_slack(tmp_path, capsys):
+    MiB = 1 << 20
+
+    def write(name, host):
+        path = tmp_path / name
+        path.write_text(json.dumps({"benchmarks": [
+            {"name": n, "fullname": f"bench/test_bench_pt.py::{n}",
+             "extra_info": {"max_peak_bytes": 8 * MiB, "max_host_peak_bytes": h}} for n, h in host.items()]}))
+        return str(path)
+
+    base = write("a.json", {"t[16-2]": 10 * MiB, "t[64-2]": 40 * MiB})
+    noisy = write("b.json", {"t[16-2]": 12 * MiB, "t[64-2]": 43 * MiB})  # within 1.1 x + 3 MiB
+    grown = write("c.json", {"t[16-2]": 10 * MiB, "t[64-2]": 72 * MiB})  # a full-size host copy
+    assert compare.main([base, noisy]) == 0
+    assert compare.main([base, grown]) == 1
+    out = capsys.readouterr().out
+    assert "host peak" in out and "t[64-2]" in out and "1 regressed" in out
+    assert compare.main([base, grown, "--host-slack-mib", "40"]) == 0
+
+
 def test_table_reports_the_worst_rank_and_oom():
     rows = []
     for rank, peak in enumerate([100, 120]):
@@ -63,8 +83,10 @@ def test_table_reports_the_worst_rank_and_oom():
     rows.append({"family": "mlp", "param_bytes": 200, "ranks": 1, "rank": 0, "mode": "unsharded",
                  "phase": "build", "peak_bytes": None, "ideal_bytes": 200.0, "oom": True,
                  "status": "oom", "init_seconds": None, "gather_seconds": None})
+    rows[1]["host_peak_bytes"] = 3 << 20
     text = report.table(rows)
     assert "| 1.200 |" in text  # 120 / 100: the worst rank counts
+    assert "host/rank MiB" in text and "| 3.0 |" in text
     assert "OOM" in text
 
 
