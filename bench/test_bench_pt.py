@@ -15,6 +15,10 @@ import os
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# One intra-op thread per rank: on a shared machine an OpenMP team whose threads are
+# descheduled turns a 0.2 s creation into 1.4 s (measured at N = 1, 2 threads on 2 cores),
+# which no time gate can tell from a regression. The ranks read it when they start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench import ops  # noqa: E402
 from bench.gate import HOST_ALLOWANCE_BYTES  # noqa: E402
