@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # steadier times on a shared machine (bench/test_bench_pt.py)
 
 FAMILIES = ["mlp", "transformer"]
 # The transformer's sharded train step fails today (shardimpl/embedding.py's backward hands
