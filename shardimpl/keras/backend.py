@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.create import distribute_variable as _distribute_variable
-from shardimpl.layout import TorchLayout, axes_to_placements
-from shardimpl.mesh import local_device, resolve_layout, to_torch_mesh
+from shardimpl.layout import TorchLayout
+from shardimpl.mesh import local_device, resolve_layout, to_torch_mesh, torch_placements
 
 __all__ = [
     "list_devices", "get_device_count", "initialize", "num_processes", "process_id",
@@ -99,8 +99,8 @@ def _to_backend_layout(tensor_layout):
             f"Received: {tensor_layout}. Set TensorLayout(axes, device_mesh)."
         )
     mesh = to_torch_mesh(tensor_layout.device_mesh)
-    placements = axes_to_placements(
-        tensor_layout.axes, list(tensor_layout.device_mesh.axis_names), len(tensor_layout.axes),
+    placements = torch_placements(
+        tensor_layout.axes, tensor_layout.device_mesh, len(tensor_layout.axes),
         f"layout {tensor_layout}",
     )
     return TorchLayout(mesh, placements)
