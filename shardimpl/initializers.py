@@ -7,15 +7,17 @@ shape, and:
 
 * the values are bit-identical for any N, any layout and equal to the unsharded
   draw (an element's value does not depend on who draws it, or next to what);
-* the work per rank is proportional to its shard (no tile larger than the shard
-  is ever drawn), and the output is written once;
+* the work per rank is proportional to its shard (nothing outside it is drawn),
+  and each chunk of the shard is finished while it is in cache, so the shard
+  goes through memory once;
 * the host holds at most `SCRATCH_BYTES` (1 MiB) of temporaries besides the shard;
 * fans (Glorot/He/Lecun) are computed from the *full* shape, as Keras does.
 
 The generator. With ``k1, k2`` derived from the seed and ``c`` a counter, the
 64 random bits of ``c`` are splitmix64's finalizer applied to the Weyl sequence
 ``c * GAMMA + k1``, with ``k2`` added between the finalizer's two multiply rounds
-(so two seeds never give shifted copies of one stream). It is evaluated with
+(so two seeds whose Weyl sequences overlap still give unrelated values; splitmix64
+on a Weyl sequence is Java's SplittableRandom). It is evaluated with
 vectorised int64 torch ops (wrapping multiply, masked shifts, xor) on chunks of
 the shard. float32 (and float16/bfloat16, rounded from float32) takes the two
 32-bit halves of counter ``c`` for elements ``2c`` and ``2c + 1``; float64 takes
@@ -37,7 +39,6 @@ or position-independent); a little-endian host is assumed.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -298,7 +299,6 @@ def _chunking(rows: _Rows, wide: bool, stage_itemsize: int) -> tuple[int, int, b
     return 1, -(-length // pieces), False
 
 
-@functools.lru_cache(maxsize=64)
 def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
     """A 0-d tensor: ``int tensor * it`` computes in ``dtype`` whatever the default dtype."""
     return torch.tensor(value, dtype=dtype)
@@ -351,22 +351,24 @@ class _Draw:
         tmp = torch.empty(rc * p, dtype=torch.int64)
         realigned = torch.empty(rc * n, dtype=torch.int32) if mixed else None
         stage = None if direct else torch.empty(rc * n, dtype=self.gen)
-        if _is_fake(box):
-            # Under FakeTensorMode (planning) values do not exist: the scratch above
-            # is the whole allocation pattern.
-            return
         scratch = (ramp, bits, tmp, realigned, stage)
+        # Under FakeTensorMode (planning) values do not exist: the first chunk, the
+        # largest, gives the whole allocation pattern.
+        first_only = _is_fake(box)
         if rc == 1:
             for r in range(rows.count):
                 start = rows.start(r)
                 for j in range(0, rows.length, n):
                     m = min(n, rows.length - j)
                     self._chunk(box[r:r + 1, j:j + m], *self._row_key(start + j), *scratch)
+                    if first_only:
+                        return
             return
         for r in range(0, rows.count, rc):
             r1 = min(rows.count, r + rc)
-            key = self._row_key(rows.start(r)) if r1 == r + 1 else self._row_keys(rows, r, r1, mixed)
-            self._chunk(box[r:r1], *key, *scratch)
+            self._chunk(box[r:r1], *self._row_keys(rows, r, r1, mixed), *scratch)
+            if first_only:
+                return
 
     def _row_key(self, start: int) -> tuple[int, int | None]:
         """(key, parity) of one row starting at global index ``start``."""
@@ -376,6 +378,8 @@ class _Draw:
 
     def _row_keys(self, rows: _Rows, r0: int, r1: int, mixed: bool):
         """(keys, parity) of rows r0..r1: parity an int, or the rows' odd-start mask if mixed."""
+        if r1 == r0 + 1:
+            return self._row_key(rows.start(r0))
         if len(rows.dims) == 1 and not mixed:  # starts are affine: base + r * stride
             start, stride = rows.start(r0), rows.dims[0][1]
             step, first = (stride, start) if self.wide else (stride // 2, start >> 1)
