@@ -39,6 +39,7 @@ or position-independent); a little-endian host is assumed.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -151,6 +152,7 @@ def _i64(x: int) -> int:
     return x - (1 << 64) if x >> 63 else x
 
 
+@functools.lru_cache(maxsize=1024)
 def _keys(seed: int) -> tuple[int, int]:
     return _i64(mix_seed(seed, 1)), _i64(mix_seed(seed, 2))
 
@@ -299,8 +301,12 @@ def _chunking(rows: _Rows, wide: bool, stage_itemsize: int) -> tuple[int, int, b
     return 1, -(-length // pieces), False
 
 
+@functools.lru_cache(maxsize=256)
 def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-    """A 0-d tensor: ``int tensor * it`` computes in ``dtype`` whatever the default dtype."""
+    """A 0-d tensor: ``int tensor * it`` computes in ``dtype`` whatever the default dtype.
+
+    Cached (real tensors only: under FakeTensorMode `_Draw.fill` makes a fresh one).
+    """
     return torch.tensor(value, dtype=dtype)
 
 
@@ -316,11 +322,11 @@ class _Draw:
         mantissa = 53 if self.wide else 24
         self.drop = bits - mantissa  # low bits dropped from each word
         if spec.kind == "uniform":
-            self.first_mul = _scalar((spec.b - spec.a) * 2.0 ** -mantissa, gen_dtype)
+            self.first_mul = (spec.b - spec.a) * 2.0 ** -mantissa
             self.shift = (spec.a + spec.b) / 2.0
         else:  # v = (2m + 1) / 2**mantissa, times erf(sqrt(2)) when truncated
             limit = _ERF_SQRT2 if spec.kind == "truncated_normal" else 1.0
-            self.first_mul = _scalar(limit * 2.0 ** -(bits - 1), gen_dtype)
+            self.first_mul = limit * 2.0 ** -(bits - 1)
             self.clear_low = -(1 << self.drop)  # keep the top `mantissa` bits ...
             self.set_half = 1 << (self.drop - 1)  # ... then add half a step: 2m + 1
 
@@ -329,11 +335,11 @@ class _Draw:
         spec = self.spec
         if spec.kind == "uniform":
             w.bitwise_right_shift_(self.drop)
-            torch.mul(w, self.first_mul, out=out)
+            torch.mul(w, self.first_mul_t, out=out)
             out.add_(self.shift)
             return
         w.bitwise_and_(self.clear_low).bitwise_or_(self.set_half)
-        torch.mul(w, self.first_mul, out=out)
+        torch.mul(w, self.first_mul_t, out=out)
         out.erfinv_().mul_(_SQRT2 * spec.b)
         if spec.kind == "truncated_normal":
             out.clamp_(-2.0 * spec.b, 2.0 * spec.b)
@@ -355,6 +361,8 @@ class _Draw:
         # Under FakeTensorMode (planning) values do not exist: the first chunk, the
         # largest, gives the whole allocation pattern.
         first_only = _is_fake(box)
+        make = torch.tensor if first_only else _scalar
+        self.first_mul_t = make(self.first_mul, dtype=self.gen)
         if rc == 1:
             for r in range(rows.count):
                 start = rows.start(r)
