@@ -83,10 +83,19 @@ def build_hub_model(family: str, size):
 
 
 def hub_layout_map(family: str, mesh):
-    """The backbone's own ``get_layout_map`` on ``mesh`` (which needs a "batch" and a "model" axis)."""
+    """The backbone's own ``get_layout_map`` on ``mesh`` (which needs a "batch" and a "model" axis).
+
+    keras-hub 0.32's Llama map leaves the untied output embedding
+    (``token_embedding/reverse_embeddings``, vocabulary x hidden, 2 GiB in
+    Llama-3 8B) out, so every rank would hold it whole; the llama family adds
+    it, split like the input embedding (vocabulary over "model").
+    """
     import keras_hub
 
-    return getattr(keras_hub.models, HUB_FAMILIES[family][0]).get_layout_map(mesh)
+    layout_map = getattr(keras_hub.models, HUB_FAMILIES[family][0]).get_layout_map(mesh)
+    if HUB_FAMILIES[family][1]:
+        layout_map["token_embedding/reverse_embeddings"] = ("batch", "model")
+    return layout_map
 
 
 def hub_sample_batch(family: str, size, batch: int, seq: int, seed: int = 0):

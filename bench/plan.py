@@ -42,6 +42,29 @@ def parse_params(text: str, itemsize: int = 4) -> int:
     return int(float(m.group(1)) * _SUFFIX[m.group(2)]) * itemsize
 
 
+def _strided_shard_bounds_outside_fake_mode() -> None:
+    """In this (fresh, planning-only) process, let DTensor compute _StridedShard bounds on real tensors.
+
+    torch 2.13 derives a strided shard's offsets from ``torch.arange(n).tolist()``,
+    which FakeTensorMode refuses (a data-dependent output); keras-hub's attention
+    einsums produce such placements. The arange is index arithmetic of n integers,
+    not model data, so it runs on real memory here. Applied only in plan workers.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    original = _StridedShard.local_shard_size_and_offset
+    if getattr(original, "_shardimpl_plan", False):
+        return
+
+    def bounds(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            return original(self, *args, **kwargs)
+
+    bounds._shardimpl_plan = True
+    _StridedShard.local_shard_size_and_offset = bounds
+
+
 def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> dict:
     """Rank 0 of a fake ``ranks``-rank world: build (and step) the model; peaks of live bytes."""
     import keras
@@ -56,6 +79,7 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> d
     from shardimpl.meters import PeakMeter
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    _strided_shard_bounds_outside_fake_mode()
     shardimpl.install()
     mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)])
     keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, param_bytes)))
