@@ -332,3 +332,42 @@ def reference_direct(kind, initial):
     out["train"] = [float(model.train_on_batch(x[:BATCH], y[:BATCH])) for _ in range(2)]
     out["predict"] = model.predict(x[:BATCH], verbose=0)
     return out
+
+
+def _meta_refusing_model():
+    """A Dense model with a layer that refuses the meta device: Keras' symbolic build then
+    falls back to tracing eagerly with real (here: sharded) values."""
+    import keras
+
+    class NoMeta(keras.layers.Layer):
+        def call(self, x):
+            if str(x.device) == "meta":
+                raise RuntimeError("this layer cannot run on the meta device")
+            return x * 2.0
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.layers.Dense(32, name="dense_a"), NoMeta(),
+                              keras.layers.Dense(24, name="dense_b"), keras.layers.Dense(4, name="head")])
+    return model
+
+
+def build_fallback_run(sharded, initial=None):
+    """Build (Keras' symbolic build falls back to an eager trace), then fit and a direct call."""
+    import keras
+
+    if sharded:
+        _set_model_parallel("mlp")
+    model = _meta_refusing_model()
+    model.build((None, FEATURES))
+    if initial is not None:
+        model.set_weights(initial)
+    initial = model.get_weights()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    x, y = _data("mlp")
+    keras.utils.set_random_seed(4)
+    hist = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    from torch.distributed.tensor import Shard
+
+    return {"loss": hist.history["loss"], "direct": keras.ops.convert_to_numpy(model(x[:4])), "initial": initial,
+            "sharded": sum(1 for v in model.weights if hasattr(v.value, "placements")
+                           and any(isinstance(p, Shard) for p in v.value.placements))}

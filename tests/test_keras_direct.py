@@ -60,3 +60,14 @@ def test_train_and_predict_after_direct_calls_match_stock(compared):
     for v in values:
         np.testing.assert_allclose(v["train"], ref["train"], rtol=1e-5)
         np.testing.assert_allclose(v["predict"], ref["predict"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_eager_build_fallback_works_on_sharded_variables():
+    """Keras builds a model on its first call by tracing on the meta device; when that fails it
+    traces eagerly with the real values. Both paths must work on DTensors."""
+    values = _ok(launch.run(_keras_world.build_fallback_run, 2, True, timeout=300))
+    ref = _ok(launch.run(_keras_world.build_fallback_run, 1, False, values[0]["initial"], timeout=300))[0]
+    for v in values:
+        assert v["sharded"] >= 3
+        np.testing.assert_allclose(v["loss"], ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(v["direct"], ref["direct"], rtol=1e-5, atol=1e-6)
