@@ -18,9 +18,11 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-__all__ = ["FAMILIES", "build_model", "layout_map", "dims_for", "sample_batch", "exact_param_bytes"]
+__all__ = ["FAMILIES", "HUB", "build_model", "layout_map", "dims_for", "sample_batch", "exact_param_bytes",
+           "model_mesh"]
 
-FAMILIES = ("mlp", "transformer")
+FAMILIES = ("mlp", "transformer", "gemma", "llama")
+HUB = ("gemma", "llama")  # keras-hub backbones (bench.hub_families); need keras-hub installed
 DEPTH = 4
 BLOCKS = 2
 HEADS = 4
@@ -45,7 +47,14 @@ def dims_for(family: str, param_bytes: int, itemsize: int = 4) -> dict:
 
 
 def exact_param_bytes(family: str, param_bytes: int, itemsize: int = 4) -> int:
-    """The exact parameter bytes `build_model` creates for the knob ``param_bytes`` (no build)."""
+    """The exact parameter bytes `build_model` creates for the knob ``param_bytes`` (no build).
+
+    For keras-hub families ``param_bytes`` may be a preset name (``bench.hub_families.PRESETS``).
+    """
+    if family in HUB:
+        from bench.hub_families import hub_config, hub_param_count
+
+        return hub_param_count(family, hub_config(family, param_bytes)) * itemsize
     dims = dims_for(family, param_bytes, itemsize)
     if family == "mlp":
         w = dims["width"]
@@ -59,6 +68,10 @@ def build_model(family: str, param_bytes: int):
     """An unbuilt Keras model of ``family``; ``model.build`` happens in `build`."""
     import keras
 
+    if family in HUB:
+        from bench.hub_families import build_hub_model
+
+        return build_hub_model(family, param_bytes)
     dims = dims_for(family, param_bytes)
     if family == "mlp":
         width = dims["width"]
@@ -91,10 +104,21 @@ def layout_map(family: str, mesh, param_bytes: int | None = None):
     """
     import keras
 
+    if family in HUB:
+        from bench.hub_families import hub_layout_map
+
+        return hub_layout_map(family, mesh)
     lm = keras.distribution.LayoutMap(mesh)
     if family == "mlp":
-        lm[r".*dense_\d+/kernel"] = (None, "model")
-        lm[r".*dense_\d+/bias"] = ("model",)
+        # Column- then row-parallel, alternating (Megatron's pairing): a column-split layer's
+        # output is split on its features, exactly what the next, row-split, layer consumes;
+        # that layer's output is a sum (one all-reduce of batch x width) and replicated again.
+        # Backward, every kernel's gradient comes out in the kernel's own layout, so no
+        # gradient is re-laid out (all column-split: 3 of 4 gradients came back row-split).
+        lm[r".*dense_\d*[02468]/kernel"] = (None, "model")
+        lm[r".*dense_\d*[02468]/bias"] = ("model",)
+        lm[r".*dense_\d*[13579]/kernel"] = ("model", None)
+        lm[r".*dense_\d*[13579]/bias"] = (None,)
         return lm
     lm[r".*token_embedding/embeddings"] = (None, "model")
     model_ranks = mesh.shape[list(mesh.axis_names).index("model")]
@@ -116,8 +140,22 @@ def sample_batch(family: str, param_bytes: int, seed: int = 0):
     """A fixed input batch for a train step (the same on every rank)."""
     import torch
 
+    if family in HUB:
+        from bench.hub_families import hub_sample_batch
+
+        return hub_sample_batch(family, param_bytes, BATCH, SEQ, seed)
     g = torch.Generator().manual_seed(seed)
     dims = dims_for(family, param_bytes)
     if family == "mlp":
         return torch.randn(BATCH, dims["width"], generator=g)
     return torch.randint(0, dims["vocab"], (BATCH, SEQ), generator=g, dtype=torch.int32)
+
+
+def model_mesh(family: str, devices):
+    """The mesh a family is sharded on: ("model",) over ``devices``, or for keras-hub
+    families (whose layout maps name both axes) (1, N) ("batch", "model")."""
+    import keras
+
+    if family in HUB:
+        return keras.distribution.DeviceMesh((1, len(devices)), ["batch", "model"], devices)
+    return keras.distribution.DeviceMesh((len(devices),), ["model"], devices)

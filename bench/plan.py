@@ -42,6 +42,29 @@ def parse_params(text: str, itemsize: int = 4) -> int:
     return int(float(m.group(1)) * _SUFFIX[m.group(2)]) * itemsize
 
 
+def _strided_shard_bounds_outside_fake_mode() -> None:
+    """In this (fresh, planning-only) process, let DTensor compute _StridedShard bounds on real tensors.
+
+    torch 2.13 derives a strided shard's offsets from ``torch.arange(n).tolist()``,
+    which FakeTensorMode refuses (a data-dependent output); keras-hub's attention
+    einsums produce such placements. The arange is index arithmetic of n integers,
+    not model data, so it runs on real memory here. Applied only in plan workers.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    original = _StridedShard.local_shard_size_and_offset
+    if getattr(original, "_shardimpl_plan", False):
+        return
+
+    def bounds(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            return original(self, *args, **kwargs)
+
+    bounds._shardimpl_plan = True
+    _StridedShard.local_shard_size_and_offset = bounds
+
+
 def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> dict:
     """Rank 0 of a fake ``ranks``-rank world: build (and step) the model; peaks of live bytes."""
     import keras
@@ -50,14 +73,15 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> d
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import shardimpl
-    from bench.families import build_model, exact_param_bytes, layout_map, sample_batch
+    from bench.families import build_model, exact_param_bytes, layout_map, model_mesh, sample_batch
     from bench.scenarios import _train_step
     from shardimpl.mesh import to_torch_mesh
     from shardimpl.meters import PeakMeter
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    _strided_shard_bounds_outside_fake_mode()
     shardimpl.install()
-    mesh = keras.distribution.DeviceMesh((ranks,), ["model"], [f"cpu:{r}" for r in range(ranks)])
+    mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)])
     keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, param_bytes)))
     to_torch_mesh(mesh)  # mesh and seed agreement outside the fake mode (they read real values)
     start = time.perf_counter()
@@ -77,7 +101,8 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> d
             except Exception as exc:  # a layout DTensor cannot run at this N is a result, not a crash
                 step_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
     return {
-        "family": family, "param_bytes": exact_param_bytes(family, param_bytes), "ranks": ranks,
+        "family": family if not isinstance(param_bytes, str) else f"{family} ({param_bytes})",
+        "param_bytes": exact_param_bytes(family, param_bytes), "ranks": ranks,
         "build_peak_bytes": build.result().device_peak_bytes, "step_peak_bytes": step_peak,
         "local_param_bytes": local, "ideal_bytes": exact_param_bytes(family, param_bytes) / ranks,
         "seconds": time.perf_counter() - start, "step_error": step_error,
@@ -124,11 +149,14 @@ def table(rows) -> str:
 def main(argv=None) -> int:
     from bench import report
     from bench.families import FAMILIES
+    from bench.hub_families import PRESETS
 
     p = argparse.ArgumentParser(prog="python -m bench plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="transformer")
-    p.add_argument("--params", default="70B", help="parameter count (70B, 1.3B, 350M) or size (256MiB)")
+    p.add_argument("--params", default="70B",
+                   help="parameter count (70B, 1.3B, 350M), size (256MiB), or a published shape of a "
+                        "keras-hub family: " + ", ".join(sorted(PRESETS)) + " (sets --family)")
     p.add_argument("--ranks", default="8,64,1024", help="comma-separated world sizes")
     p.add_argument("--json", help="write {meta, rows} here")
     p.add_argument("--no-step", action="store_true", help="plan the build only")
@@ -136,7 +164,12 @@ def main(argv=None) -> int:
     ranks = [int(x) for x in args.ranks.split(",") if x]
     if not ranks or min(ranks) < 1:
         raise SystemExit("--ranks needs positive world sizes, e.g. --ranks 8,64,1024")
-    rows = plan(args.family, parse_params(args.params), ranks, step=not args.no_step, log=sys.stderr)
+    preset = args.params.lower()
+    if preset in PRESETS:
+        args.family, size = PRESETS[preset][0], preset
+    else:
+        size = parse_params(args.params)
+    rows = plan(args.family, size, ranks, step=not args.no_step, log=sys.stderr)
     print(table(rows))
     for r in rows:
         if r.get("step_error"):

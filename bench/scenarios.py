@@ -48,11 +48,13 @@ class Scenario:
     step: bool = True
 
 
-def _model_mesh(device: str):
+def _model_mesh(device: str, family: str = "mlp"):
     import keras
 
+    from bench.families import model_mesh
+
     devices = keras.distribution.list_devices("gpu" if device == "cuda" else "cpu")
-    return keras.distribution.DeviceMesh((len(devices),), ["model"], devices)
+    return model_mesh(family, devices)
 
 
 def _distribution(scenario: Scenario):
@@ -76,7 +78,7 @@ def _distribution(scenario: Scenario):
         from bench.peers import use_naive_creation
 
         use_naive_creation()
-    mesh = _model_mesh(scenario.device)
+    mesh = _model_mesh(scenario.device, scenario.family)
     dist_ = keras.distribution.ModelParallel(layout_map=layout_map(scenario.family, mesh, scenario.param_bytes))
     keras.distribution.set_distribution(dist_)
     return dist_
@@ -93,6 +95,12 @@ def _local_bytes(model) -> tuple[int, int]:
     return local, full
 
 
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return batch.to(device)
+
+
 def _train_step(model, batch, device) -> None:
     import torch
     from torch.distributed.tensor.experimental import implicit_replication
@@ -104,7 +112,7 @@ def _train_step(model, batch, device) -> None:
     # DTensor has no sharding rule for the fused CPU attention kernels' backward:
     # the math kernel decomposes attention into ops it can shard.
     with implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
-        out = model(batch.to(device))
+        out = model(_to_device(batch, device))
         loss = (out.float() ** 2).mean()
         loss.backward()  # backward mixes saved plain inputs with DTensor grads too
     opt.step()

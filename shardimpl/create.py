@@ -4,8 +4,8 @@
 ``distribute_variable(value, layout)``: it returns a DTensor whose local tensor
 is this rank's shard on this rank's device. Three paths, logged at DEBUG:
 
-* ``shard-local``: a Keras built-in initializer, drawn tile by tile for just
-  this shard (see `shardimpl.initializers`);
+* ``shard-local``: a Keras built-in initializer, drawn element by element for
+  just this shard (see `shardimpl.initializers`);
 * ``slice``: a concrete value (torch tensor or numpy array) that the caller
   already holds; only the shard is copied to the device;
 * ``fallback``: any other initializer (Orthogonal, a user's callable) builds
@@ -287,8 +287,8 @@ def distribute_variable(value, layout, *, shape=None, dtype=None, name=None,
     the same value raises).
 
     Memory: allocates only the local shard on this rank's device (``cuda:LOCAL_RANK``
-    for CUDA meshes, else CPU); the shard-local path adds one tile (1 MiB of
-    float32) on the host at a time; the fallback path holds the full tensor
+    for CUDA meshes, else CPU); the shard-local path adds at most 1 MiB of
+    scratch on the host; the fallback path holds the full tensor
     on the host briefly; the value checks read the value in 2**20-element chunks.
     Communication: none, except the first time a mesh is converted (sub-group
     creation and one 8-byte seed broadcast) and, with ``check_replicated``, one

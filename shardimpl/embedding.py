@@ -81,7 +81,9 @@ class _Lookup(torch.autograd.Function):
             out = out.masked_fill(outside.unsqueeze(-1), 0)
             for axis in vocab_axes:
                 dist.all_reduce(out, group=mesh.get_group(axis))
-        ctx.save_for_backward(local_ids, outside)
+        # Kept as attributes, not saved tensors: saved-tensor hooks (shardimpl's direct calls)
+        # would hand them back as DTensors.
+        ctx.local_ids, ctx.outside = local_ids, outside
         ctx.meta = (mesh, tuple(p for p, _, _ in plan), tuple(g for _, g, _ in plan), rows,
                     weight.shape, weight.stride(), bool(vocab_axes))
         shape = torch.Size((*ids.shape, weight.shape[1]))
@@ -90,7 +92,7 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        local_ids, outside = ctx.saved_tensors
+        local_ids, outside = ctx.local_ids, ctx.outside
         mesh, out_pl, grad_pl, rows, w_shape, w_stride, masked = ctx.meta
         if isinstance(grad, DTensor):
             if tuple(grad.placements) != out_pl:

@@ -21,6 +21,8 @@ from shardimpl.seeds import agree_base_seed, reset_seeds
 
 __all__ = [
     "to_torch_mesh",
+    "kept_axes",
+    "torch_placements",
     "resolve_layout",
     "mesh_ranks",
     "mesh_coordinate",
@@ -110,8 +112,32 @@ def _agree_seed_for_this_world(device_type: str) -> None:
     agree_base_seed(device_type)
 
 
+def kept_axes(keras_mesh) -> tuple:
+    """The Keras mesh axes the torch mesh keeps: those of size > 1 (the first axis if none is).
+
+    An axis of size 1 splits nothing, so a (1, N) ("batch", "model") mesh
+    becomes a 1-D torch mesh over "model": every placement is the same, and
+    DTensor plans each redistribution over one mesh dim instead of searching
+    a 2-D space of states (the first step of a keras-hub model on (1, 2) took
+    tens of seconds of such planning).
+    """
+    names, shape = tuple(keras_mesh.axis_names), tuple(int(s) for s in keras_mesh.shape)
+    kept = tuple(n for n, s in zip(names, shape) if s > 1)
+    return kept or names[:1]
+
+
+def torch_placements(axes, keras_mesh, ndim: int, where: str) -> tuple:
+    """Placements on the torch mesh of a Keras layout's ``axes`` (size-1 axes dropped)."""
+    names = list(keras_mesh.axis_names)
+    full = axes_to_placements(axes, names, ndim, where)
+    return tuple(full[names.index(n)] for n in kept_axes(keras_mesh))
+
+
 def to_torch_mesh(keras_mesh, *, where: str = "layout") -> DeviceMesh:
     """Convert (and cache) a `keras.distribution.DeviceMesh` to a torch `DeviceMesh`.
+
+    The torch mesh has the Keras mesh's axes of size > 1 only (`kept_axes`);
+    layouts naming a size-1 axis are replicated along it, which is the same.
 
     Device ``"cpu:R"`` / ``"gpu:R"`` means global rank ``R``; ``gpu`` needs a
     CUDA device (checked here, with the fix). A one-device mesh needs no
@@ -144,10 +170,13 @@ def to_torch_mesh(keras_mesh, *, where: str = "layout") -> DeviceMesh:
     key = (device_type, shape, names, tuple(ranks))
     mesh = _MESH_CACHE.get(key)
     if mesh is None:
+        kept = kept_axes(keras_mesh)
+        kept_shape = tuple(shape[names.index(n)] for n in kept)
+        layout = torch.tensor(ranks, dtype=torch.int64).reshape(kept_shape)  # row-major order is kept
         if dist.is_initialized():
-            mesh = DeviceMesh(device_type, torch.tensor(ranks, dtype=torch.int64).reshape(shape), mesh_dim_names=names)
+            mesh = DeviceMesh(device_type, layout, mesh_dim_names=kept)
         else:
-            mesh = DeviceMesh(device_type, torch.tensor(ranks, dtype=torch.int64).reshape(shape), mesh_dim_names=names, _init_backend=False, _rank=0)
+            mesh = DeviceMesh(device_type, layout, mesh_dim_names=kept, _init_backend=False, _rank=0)
         agree_base_seed(device_type)
         _MESH_CACHE[key] = mesh
     return mesh
@@ -188,8 +217,7 @@ def resolve_layout(layout, shape: Sequence[int], *, name: str | None = None) -> 
             f"{where}: the layout has {len(axes)} entries but the tensor has rank "
             f"{len(shape)}. Give one entry (a mesh axis name or None) per tensor dim."
         )
-    names = list(keras_mesh.axis_names)
-    placements = axes_to_placements(axes, names, len(shape), where)
+    placements = torch_placements(axes, keras_mesh, len(shape), where)
     mesh = to_torch_mesh(keras_mesh, where=where)
     return TorchLayout(mesh, placements)
 

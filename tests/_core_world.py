@@ -36,6 +36,8 @@ SEEDED_INITIALIZERS = [
 CONSTANT_INITIALIZERS = [("Zeros", {}), ("Ones", {}), ("Constant", {"value": 3.25})]
 # Shapes chosen to give uneven and empty shards for N = 3 and 4 (5 rows over 4 ranks: 2, 2, 1, 0).
 SHAPES = [(5, 7), (37, 3), (2, 9), (1030, 260)]
+# Initializer-only shapes: odd strides (rows starting at both parities), a 4-D kernel.
+INIT_SHAPES = [(3, 5, 7), (3, 3, 5, 6)]
 
 
 def _mesh_1d(name="model"):
@@ -92,6 +94,24 @@ def roundtrip_cases():
                 ref = reference_full(init_name, kwargs, shape, "float32", seed)
                 # N-invariance: the reference is what a single process draws.
                 results[f"init/{shape}/{lname}/{init_name}"] = bool(torch.equal(got, ref))
+    results.update(init_rank_and_dtype_cases(mesh))
+    return results
+
+
+def init_rank_and_dtype_cases(mesh):
+    """3-D and 4-D initializer-built variables in three dtypes, each dim sharded in turn."""
+    from keras import initializers
+
+    results = {}
+    for shape in INIT_SHAPES:
+        for lname, layout in _layouts_1d(mesh, len(shape)).items():
+            for dtype in ("float32", "bfloat16", "float64"):
+                for init_name in ("GlorotUniform", "TruncatedNormal"):
+                    init = getattr(initializers, init_name)(seed=21)
+                    v = shardimpl.distribute_variable(init, layout, shape=shape, dtype=dtype, name=init_name)
+                    ref = reference_full(init_name, {}, shape, dtype, 21)
+                    got = shardimpl.all_gather_variable(v)
+                    results[f"init/{shape}/{lname}/{dtype}/{init_name}"] = bool(torch.equal(got, ref))
     return results
 
 

@@ -123,3 +123,21 @@ def reference_checks(name, initial, tmpdir):
     loaded.load_weights(os.path.join(tmpdir, "lm.weights.h5"))
     out["loaded_weights"] = loaded.get_weights()
     return out
+
+
+def sharded_many(names, mesh_shape, tmpdir):
+    """`sharded_checks` for several backbones on one world (spawning ranks costs seconds)."""
+    import keras
+
+    out = {}
+    for name in names:
+        keras.distribution.set_distribution(None)
+        folder = os.path.join(tmpdir, name)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+        out[name] = sharded_checks(name, mesh_shape, folder)
+    return out
+
+
+def reference_many(initials, tmpdir):
+    return {name: reference_checks(name, initial, os.path.join(tmpdir, name)) for name, initial in initials.items()}

@@ -252,3 +252,122 @@ def load_sharded(kind, folder):
     whole = keras.saving.load_model(os.path.join(folder, "model.keras"))
     sharded = all(hasattr(v.value, "to_local") for v in whole.weights)
     return {"weights": model.get_weights(), "whole": whole.get_weights(), "whole_is_sharded": sharded}
+
+
+ACTIVATION_LAYOUTS = {"mlp": {"dense_a/output": (None, "model")}, "block": {"mlp_up/output": (None, None, "model")}}
+
+
+def _direct_checks(model, kind):
+    """A direct call on numpy, and one custom-loop step (loss.backward()) on torch tensors."""
+    import keras
+    import torch
+
+    x, y = _data(kind)
+    out = {"direct": keras.ops.convert_to_numpy(model(x[:BATCH]))}
+    pred = model(torch.as_tensor(x[:BATCH]))
+    out["direct_is_plain"] = type(pred) is torch.Tensor
+    loss = ((pred - torch.as_tensor(y[:BATCH])) ** 2).mean()
+    loss.backward()
+    out["loss"] = float(loss)
+    grads = []
+    for v in model.trainable_variables:
+        g = v.value.grad
+        grads.append(g.full_tensor().detach().numpy() if hasattr(g, "full_tensor") else g.detach().numpy())
+        v.value.grad = None
+    out["grads"] = grads
+    return out
+
+
+def sharded_direct(kind, mesh_shape=None, activation_layouts=False):
+    """Direct calls, a custom training loop and (optionally) activation layouts under ModelParallel."""
+    import keras
+
+    import shardimpl
+
+    shardimpl.install()
+    devices = keras.distribution.list_devices()
+    if mesh_shape is None:
+        mesh = keras.distribution.DeviceMesh((len(devices),), ["model"], devices)
+    else:
+        mesh = keras.distribution.DeviceMesh(mesh_shape, ["batch", "model"], devices)
+    lm = layout_map(kind, mesh)
+    if activation_layouts:
+        for key, axes in ACTIVATION_LAYOUTS[kind].items():
+            lm[key] = axes
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(
+        layout_map=lm, batch_dim_name="batch" if mesh_shape else "model"))
+    from shardimpl.keras import backend
+
+    laid_out = []
+    original = backend.distribute_tensor
+
+    def counting(tensor, layout):
+        result = original(tensor, layout)
+        if layout is not None and hasattr(result, "placements"):
+            laid_out.append(str(result.placements))
+        return result
+
+    backend.distribute_tensor = counting
+    model = build(kind)
+    initial = model.get_weights()
+    out = _direct_checks(model, kind)
+    out["activation_placements"] = sorted(set(laid_out))
+    out["activations"] = activation_layouts
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    x, y = _data(kind)
+    out["train"] = [float(model.train_on_batch(x[:BATCH], y[:BATCH])) for _ in range(2)]
+    out["predict"] = model.predict(x[:BATCH], verbose=0)
+    out["initial"] = initial
+    return out
+
+
+def reference_direct(kind, initial):
+    import keras
+
+    model = build(kind)
+    model.set_weights(initial)
+    out = _direct_checks(model, kind)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    x, y = _data(kind)
+    out["train"] = [float(model.train_on_batch(x[:BATCH], y[:BATCH])) for _ in range(2)]
+    out["predict"] = model.predict(x[:BATCH], verbose=0)
+    return out
+
+
+def _meta_refusing_model():
+    """A Dense model with a layer that refuses the meta device: Keras' symbolic build then
+    falls back to tracing eagerly with real (here: sharded) values."""
+    import keras
+
+    class NoMeta(keras.layers.Layer):
+        def call(self, x):
+            if str(x.device) == "meta":
+                raise RuntimeError("this layer cannot run on the meta device")
+            return x * 2.0
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.layers.Dense(32, name="dense_a"), NoMeta(),
+                              keras.layers.Dense(24, name="dense_b"), keras.layers.Dense(4, name="head")])
+    return model
+
+
+def build_fallback_run(sharded, initial=None):
+    """Build (Keras' symbolic build falls back to an eager trace), then fit and a direct call."""
+    import keras
+
+    if sharded:
+        _set_model_parallel("mlp")
+    model = _meta_refusing_model()
+    model.build((None, FEATURES))
+    if initial is not None:
+        model.set_weights(initial)
+    initial = model.get_weights()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    x, y = _data("mlp")
+    keras.utils.set_random_seed(4)
+    hist = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    from torch.distributed.tensor import Shard
+
+    return {"loss": hist.history["loss"], "direct": keras.ops.convert_to_numpy(model(x[:4])), "initial": initial,
+            "sharded": sum(1 for v in model.weights if hasattr(v.value, "placements")
+                           and any(isinstance(p, Shard) for p in v.value.placements))}

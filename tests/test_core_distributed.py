@@ -12,7 +12,7 @@ import pytest
 
 import _core_world
 from shardimpl import launch
-from shardimpl.initializers import TILE_NUMEL
+from shardimpl.initializers import SCRATCH_BYTES
 
 pytestmark = pytest.mark.distributed
 
@@ -67,7 +67,7 @@ def test_creation_peak_is_one_shard_plus_one_tile(world):
     ceil(dim / N) rows or columns, which is what the bound uses.
     """
     n, values = world
-    tile_bytes = TILE_NUMEL * 4  # tiles are drawn in float32
+    tile_bytes = SCRATCH_BYTES  # the initializer's host scratch (was one float32 tile)
     largest = {"dim0": math.ceil(ROWS / n) * COLS * 4, "dim1": ROWS * math.ceil(COLS / n) * 4}
     for rank, value in enumerate(values):
         for case, (peak, local_bytes) in value["memory"].items():

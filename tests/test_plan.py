@@ -44,3 +44,38 @@ def test_params_parse_counts_and_sizes():
     assert plan.parse_params("256MiB") == 256 * MiB
     with pytest.raises(ValueError, match="cannot read"):
         plan.parse_params("lots")
+
+
+keras_hub = pytest.importorskip("keras_hub", reason="keras-hub families need keras-hub installed")
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_keras_hub_families_predictions_match_measurement_within_5_percent(family):
+    size = 8 * MiB
+    row = plan.plan(family, size, [2])[0]
+    assert row["step_error"] is None, row["step_error"]
+    real = _measured(family, size, 2)
+    assert row["local_param_bytes"] == real["local_bytes"]
+    for key in ("build_peak_bytes", "step_peak_bytes"):
+        assert abs(row[key] - real[key]) <= 0.05 * real[key], (key, row[key], real[key])
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_keras_hub_parameter_counts_are_exact(family):
+    import keras
+
+    from bench.families import build_model, exact_param_bytes
+
+    keras.distribution.set_distribution(None)
+    model = build_model(family, 2 * MiB)
+    built = sum(int(v.value.numel()) * 4 for v in model.weights)
+    assert exact_param_bytes(family, 2 * MiB) == built
+
+
+def test_published_presets_have_their_published_sizes():
+    from bench.families import exact_param_bytes
+
+    billions = {p: exact_param_bytes(p.split("-")[0].replace("llama3", "llama"), p) / 4e9
+                for p in ("llama3-8b", "llama3-70b", "gemma-2b", "gemma-7b")}
+    assert round(billions["llama3-8b"], 2) == 8.03 and round(billions["llama3-70b"], 1) == 70.6
+    assert round(billions["gemma-2b"], 2) == 2.51 and round(billions["gemma-7b"], 2) == 8.54

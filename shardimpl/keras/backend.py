@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.create import distribute_variable as _distribute_variable
-from shardimpl.layout import TorchLayout, axes_to_placements
-from shardimpl.mesh import local_device, resolve_layout, to_torch_mesh
+from shardimpl.layout import TorchLayout
+from shardimpl.mesh import local_device, resolve_layout, to_torch_mesh, torch_placements
 
 __all__ = [
     "list_devices", "get_device_count", "initialize", "num_processes", "process_id",
     "distribute_tensor", "distribute_variable", "distribute_data_input",
-    "_to_backend_mesh", "_to_backend_layout",
+    "_to_backend_mesh", "_to_backend_layout", "_to_backend_device",
 ]
 
 
@@ -39,8 +40,13 @@ def _default_type(device_type):
 
 
 def list_devices(device_type=None):
-    """One device per process of the world: ``["cpu:0", ..., "cpu:N-1"]`` (or ``gpu:R``)."""
+    """One device per process of the world: ``["cpu:0", ..., "cpu:N-1"]`` (or ``gpu:R``).
+
+    ``gpu`` on a machine without CUDA lists none.
+    """
     kind = _default_type(device_type)
+    if kind == "gpu" and not torch.cuda.is_available():
+        return []
     return [f"{kind}:{r}" for r in range(num_processes())]
 
 
@@ -81,11 +87,39 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
 
 
 def num_processes():
-    return dist.get_world_size() if dist.is_initialized() else 1
+    """The world size: the process group's, or before it starts the launcher's ``WORLD_SIZE``."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def process_id():
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank: the process group's, or before it starts the launcher's ``RANK``."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def _to_backend_device(device_name):
+    """A Keras device name (``"cpu:R"``, ``"gpu:R"``, ``"cuda:R"``, or a torch.device) as a torch.device.
+
+    ``gpu:R`` names global rank R's GPU: the local CUDA device R modulo the
+    GPUs this machine has (ranks of a node are numbered consecutively).
+    """
+    if isinstance(device_name, torch.device):
+        return device_name
+    kind, _, index = str(device_name).lower().partition(":")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind in ("gpu", "cuda"):
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(
+                f"device {device_name!r} names a GPU but this torch sees no CUDA device. "
+                "Use 'cpu:R' devices (keras.distribution.list_devices('cpu'))."
+            )
+        return torch.device("cuda", int(index or 0) % count)
+    raise ValueError(f"Unknown device {device_name!r}. Use 'cpu:R' or 'gpu:R' (R = global rank).")
 
 
 def _to_backend_mesh(device_mesh):
@@ -93,21 +127,34 @@ def _to_backend_mesh(device_mesh):
 
 
 def _to_backend_layout(tensor_layout):
+    if tensor_layout is None:
+        return None
     if tensor_layout.device_mesh is None:
         raise ValueError(
             "Cannot create a backend layout for a TensorLayout without a device_mesh. "
             f"Received: {tensor_layout}. Set TensorLayout(axes, device_mesh)."
         )
     mesh = to_torch_mesh(tensor_layout.device_mesh)
-    placements = axes_to_placements(
-        tensor_layout.axes, list(tensor_layout.device_mesh.axis_names), len(tensor_layout.axes),
+    placements = torch_placements(
+        tensor_layout.axes, tensor_layout.device_mesh, len(tensor_layout.axes),
         f"layout {tensor_layout}",
     )
     return TorchLayout(mesh, placements)
 
 
 def distribute_variable(value, layout):
-    """Keras' signature: a sharded DTensor of ``value`` (tensor, array or initializer) laid out as ``layout``."""
+    """Keras' signature: a sharded DTensor of ``value`` laid out as ``layout``.
+
+    ``value``: a tensor, an array, an initializer, or a Keras Variable (its
+    value). ``layout=None`` returns ``value`` as is; a DTensor already laid
+    out as ``layout`` is returned as is, any other DTensor is redistributed.
+    """
+    if layout is None:
+        return value
+    if hasattr(value, "path") and isinstance(getattr(value, "value", None), torch.Tensor):
+        value = value.value  # a Keras Variable
+    if isinstance(value, DTensor):
+        return distribute_tensor(value, layout)
     return _distribute_variable(value, layout)
 
 
@@ -122,10 +169,16 @@ def distribute_tensor(tensor, layout):
     """
     if layout is None:
         return tensor
+    if hasattr(tensor, "path") and isinstance(getattr(tensor, "value", None), torch.Tensor):
+        tensor = tensor.value  # a Keras Variable
+    if isinstance(tensor, np.ndarray):
+        tensor = torch.as_tensor(tensor)
     if not isinstance(tensor, torch.Tensor):
         from keras.src import tree
 
         return tree.map_structure(lambda t: distribute_tensor(t, layout), tensor)
+    if tensor.device.type == "meta":  # Keras' symbolic trace: shapes only, nothing to lay out
+        return tensor
     tl = resolve_layout(layout, tuple(tensor.shape))
     # A split over a mesh axis of size 1 is no split: say Replicate, which every op accepts
     # (in-place updates of a Shard(0) value, e.g. a sampler writing tokens, have no rule).
@@ -139,12 +192,17 @@ def distribute_tensor(tensor, layout):
     return replicated.redistribute(tl.mesh, placements)
 
 
-def distribute_data_input(per_process_batch, layout, batch_dim_name):
-    """This process's batch as a DTensor: sharded along ``batch_dim_name``, replicated elsewhere.
+def distribute_data_input(per_process_batch, layout, batch_dim_name=None):
+    """This process's batch as a DTensor laid out as ``layout`` (its batch dim split along its axis).
 
     With a model-only mesh every rank holds the same full batch: the result is
-    replicated. With a batch axis each process already holds its slice.
+    replicated. With a batch axis each process already holds its slice, and
+    the global batch is the processes' slices in rank order.
+    ``batch_dim_name`` is accepted for Keras' signature; ``layout`` says it all.
+    ``layout=None`` returns the batch as is.
     """
+    if layout is None:
+        return per_process_batch
     tl = resolve_layout(layout, tuple(per_process_batch.shape))
     local = torch.as_tensor(per_process_batch).to(local_device(tl.mesh))
     return DTensor.from_local(local, tl.mesh, tl.placements, run_check=False)

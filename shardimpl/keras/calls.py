@@ -33,7 +33,7 @@ from shardimpl.keras.active import current_distribution, is_installed
 from shardimpl.keras.context import is_within, step_context
 from shardimpl.mesh import local_device, to_torch_mesh
 
-__all__ = ["wrap_layer_call", "to_plain"]
+__all__ = ["wrap_layer_call", "wrap_embedding_call", "to_plain"]
 
 
 def _plain(x):
@@ -111,16 +111,17 @@ def wrap_embedding_call(original):
     @functools.wraps(original)
     def call(self, inputs):
         table = getattr(self, "_embeddings", None)
-        value = getattr(table, "_value", None)
-        if (not isinstance(value, DTensor) or getattr(self, "quantization_mode", None)
+        if (not isinstance(getattr(table, "_value", None), DTensor) or getattr(self, "quantization_mode", None)
                 or getattr(self, "lora_enabled", False)):
+            return original(self, inputs)
+        value = table.value  # a meta stand-in during Keras' symbolic build: stock lookup then
+        if not isinstance(value, DTensor):
             return original(self, inputs)
         from keras.src import ops
 
         from shardimpl.embedding import embedding_lookup
 
-        outputs = embedding_lookup(torch.as_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs,
-                                   self._embeddings.value)
-        return ops.cast(outputs, dtype=self.compute_dtype)
+        ids = torch.as_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs
+        return ops.cast(embedding_lookup(ids, value), dtype=self.compute_dtype)
 
     return call

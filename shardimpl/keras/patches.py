@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import backend, calls, rules, saving, steps, variables
+from shardimpl.keras import backend, calls, ops, rules, saving, steps, variables
 from shardimpl.keras.compat import keras_distribution_lib, torch_core, torch_trainer_class
 
 __all__ = ["Patch", "patch_table", "apply_all", "undo_all", "describe_table"]
@@ -138,6 +138,10 @@ def patch_table() -> list[Patch]:
                       "a sharded table (vocabulary-split too) is looked up without torch 2.13's "
                       "_MaskPartial defect; the gradient keeps the table's layout",
                       _one(embedding_layer), calls.wrap_embedding_call))
+    rows.append(Patch("<torch core>", "slice_update",
+                      "an update of a value split along a dim (a sampler's batch-split prompt) is "
+                      "done on its gathered form and laid out again; DTensor has no in-place rule",
+                      _one(core), ops.wrap_slice_update))
     for name in ("train_step", "test_step", "predict_step"):
         rows.append(Patch("<torch trainer>", name,
                           "batches laid out on the mesh; mixed Tensor/DTensor ops and math attention allowed",

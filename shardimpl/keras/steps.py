@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from shardimpl.keras.active import current_distribution
 from shardimpl.keras.context import step_context
 from shardimpl.layout import local_shard_bounds
-from shardimpl.mesh import local_device, mesh_coordinate, to_torch_mesh
+from shardimpl.mesh import kept_axes, local_device, mesh_coordinate, to_torch_mesh
 
 __all__ = [
     "data_axis", "distribute_batch", "step_context", "agree_host_rng",
@@ -63,7 +63,7 @@ def data_axis(distribution) -> str | None:
 def _batch_layout(distribution):
     axis = data_axis(distribution)
     mesh = to_torch_mesh(distribution.device_mesh)
-    names = list(distribution.device_mesh.axis_names)
+    names = list(kept_axes(distribution.device_mesh))
     placements = tuple(Shard(0) if n == axis else Replicate() for n in names)
     return mesh, placements, axis
 

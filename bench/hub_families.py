@@ -1,0 +1,107 @@
+"""keras-hub model families: real architectures (Gemma, Llama 3) at growing sizes and published shapes.
+
+Each family builds a keras-hub backbone from a config (random weights, nothing
+downloaded) and shards it with the backbone's own ``get_layout_map`` on a
+(1, N) ("batch", "model") mesh. The size knob picks the dimensions of a
+2-layer model of about that many parameter bytes; a preset name
+(``PRESETS``) picks a published architecture's shape instead, for
+``python -m bench plan``. keras-hub is optional: these families need
+``pip install --no-deps keras-hub==0.32.0 && pip install -e ".[hub]"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["HUB_FAMILIES", "PRESETS", "hub_config", "hub_param_count", "build_hub_model", "hub_layout_map"]
+
+#: family -> (keras-hub backbone class, whether the output embedding is a separate matrix)
+HUB_FAMILIES = {"gemma": ("GemmaBackbone", False), "llama": ("Llama3Backbone", True)}
+
+#: Published shapes (from the model cards / configs), float32 parameters as built here.
+PRESETS = {
+    "gemma-2b": ("gemma", dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
+                               hidden_dim=2048, intermediate_dim=32768, head_dim=256)),
+    "gemma-7b": ("gemma", dict(vocabulary_size=256000, num_layers=28, num_query_heads=16, num_key_value_heads=16,
+                               hidden_dim=3072, intermediate_dim=49152, head_dim=256)),
+    "llama3-8b": ("llama", dict(vocabulary_size=128256, num_layers=32, num_query_heads=32, num_key_value_heads=8,
+                                hidden_dim=4096, intermediate_dim=14336)),
+    "llama3-70b": ("llama", dict(vocabulary_size=128256, num_layers=80, num_query_heads=64, num_key_value_heads=8,
+                                 hidden_dim=8192, intermediate_dim=28672)),
+}
+
+LAYERS = 2
+
+
+def _grown(family: str, param_bytes: int, itemsize: int = 4) -> dict:
+    """A 2-layer config of about ``param_bytes``: vocabulary 8 x hidden, MLP 4 x hidden,
+    a power-of-two number of heads (about 128 wide in large models), Llama with grouped
+    key/value heads (half the query heads)."""
+    elems = param_bytes / itemsize
+    # gemma: 8d^2 embedding + per layer 4d^2 attention + 12d^2 MLP; llama: 16d^2 (two
+    # embeddings) + per layer 3d^2 attention (half-width key/value) + 12d^2 MLP.
+    per_d2 = 8 + LAYERS * 16 if family == "gemma" else 16 + LAYERS * 15
+    target = math.sqrt(elems / per_d2)
+    heads = max(4, 2 ** int(math.log2(max(target / 128, 1))))
+    d = max(8 * heads, int(round(target / (8 * heads))) * 8 * heads)
+    config = dict(vocabulary_size=8 * d, num_layers=LAYERS, num_query_heads=heads, hidden_dim=d)
+    if family == "gemma":
+        return {**config, "num_key_value_heads": heads, "intermediate_dim": 8 * d, "head_dim": d // heads}
+    return {**config, "num_key_value_heads": max(1, heads // 2), "intermediate_dim": 4 * d}
+
+
+def hub_config(family: str, size) -> dict:
+    """The backbone config for ``size``: bytes of parameters (int) or a preset name."""
+    if isinstance(size, str):
+        preset_family, config = PRESETS[size]
+        if preset_family != family:
+            raise ValueError(f"preset {size!r} is a {preset_family} model, not {family}.")
+        return dict(config)
+    return _grown(family, int(size))
+
+
+def hub_param_count(family: str, config: dict) -> int:
+    """Parameters the backbone creates for ``config`` (checked against a built model in the tests)."""
+    v, layers, d = config["vocabulary_size"], config["num_layers"], config["hidden_dim"]
+    h, kv = config["num_query_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or d // h
+    attention = d * hd * (h + 2 * kv) + h * hd * d
+    if family == "gemma":
+        ff = config["intermediate_dim"] // 2
+        per_layer = attention + 3 * d * ff + 2 * d  # two RMS norms
+        return v * d + layers * per_layer + d
+    ff = config["intermediate_dim"]
+    per_layer = attention + 3 * d * ff + 2 * d
+    return 2 * v * d + layers * per_layer + d  # untied output embedding
+
+
+def build_hub_model(family: str, size):
+    import keras_hub
+
+    cls = getattr(keras_hub.models, HUB_FAMILIES[family][0])
+    return cls(**hub_config(family, size))
+
+
+def hub_layout_map(family: str, mesh):
+    """The backbone's own ``get_layout_map`` on ``mesh`` (which needs a "batch" and a "model" axis).
+
+    keras-hub 0.32's Llama map leaves the untied output embedding
+    (``token_embedding/reverse_embeddings``, vocabulary x hidden, 2 GiB in
+    Llama-3 8B) out, so every rank would hold it whole; the llama family adds
+    it, split like the input embedding (vocabulary over "model").
+    """
+    import keras_hub
+
+    layout_map = getattr(keras_hub.models, HUB_FAMILIES[family][0]).get_layout_map(mesh)
+    if HUB_FAMILIES[family][1]:
+        layout_map["token_embedding/reverse_embeddings"] = ("batch", "model")
+    return layout_map
+
+
+def hub_sample_batch(family: str, size, batch: int, seq: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = hub_config(family, size)["vocabulary_size"]
+    return {"token_ids": torch.randint(0, vocab, (batch, seq), generator=g, dtype=torch.int32),
+            "padding_mask": torch.ones(batch, seq, dtype=torch.bool)}
