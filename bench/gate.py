@@ -21,9 +21,9 @@ included). The gate fails when
 Thresholds (the one place they live), from measured figures (torch 2.13 CPU,
 keras 3.15.1, this model, P = 40.0 MiB, 2 shared cores at load average 8-12):
 
-* torch figure: sharded build peaks were P/N + 1.00 MiB on every rank for
-  N = 1, 2, 4 in every run (the extra MiB is one initializer tile, 2**18
-  float32 values); stock Keras peaked at 1.5 x P.
+* torch figure: sharded build peaks were P/N + 0.93 to 1.00 MiB on every rank
+  for N = 1, 2, 4 in every run (the initializer's 1 MiB of host scratch,
+  ``SCRATCH_BYTES``); stock Keras peaked at 1.5 x P.
 * host figure, clean tree, 630 rank-builds (N = 1, 2, 4; 54 worlds, 5 builds
   each, the first of each world included): P/N + [0.62, 1.42] MiB, median
   0.88 (the tile, Keras' objects; the traced view read 0.12-0.20 MiB, the
@@ -34,14 +34,14 @@ keras 3.15.1, this model, P = 40.0 MiB, 2 shared cores at load average 8-12):
 So:
 
 * ``PEAK_FACTOR = 1.1``: 10 % headroom on the shard itself (1 MiB at N = 4);
-* ``ALLOWANCE_BYTES = 2 MiB``: one 1 MiB tile plus 1 MiB of slack;
+* ``ALLOWANCE_BYTES = 2 MiB``: the 1 MiB of scratch plus 1 MiB of slack;
 * ``HOST_ALLOWANCE_BYTES = 3 MiB`` =
-  1 MiB (the initializer tile: torch's CPU memory is host memory too)
+  1 MiB (the initializer's scratch: torch's CPU memory is host memory too)
   + 0.5 MiB (interpreter and Keras objects: at most 0.42 MiB above the tile measured)
   + 1.5 MiB (slack for page rounding, huge pages and another machine's libraries).
   At N = 4 the bound leaves 1 + 3 - 1.42 = 2.6 MiB above the worst clean
   reading: a full-size copy larger than that, made while the other shards
-  exist, fails (the 8 MiB narrow kernel's read P/N + 13.9 MiB);
+  exist, fails (the 8 MiB narrow kernel's read P/N + 14.0 MiB);
 * ``BUDGET_FRACTION = 0.75``: below the unsharded need (>= P), above the
   sharded N = 2 need (P/2 + 1 MiB) with room for Keras' own objects.
 
