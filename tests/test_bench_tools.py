@@ -1,4 +1,5 @@
-"""The benchmark harness's pure parts: parameter counts, the memory compare, the report."""
+"""The benchmark harness: parameter counts, the memory compare, the main job end to end
+(the report's pure parts: tests/test_report.py; the command line: tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from bench import compare, families, report
+from bench import compare, families
 
 
 @pytest.mark.parametrize("family", families.FAMILIES)
@@ -52,20 +53,6 @@ def test_compare_memory_flags_growth_beyond_factor_and_missing_benchmarks(tmp_pa
     assert any("gone" in p and "not in the current run" in p for p in problems)
     assert compare.main([base, base]) == 0
     assert compare.main([base, cur]) == 1
-
-
-def test_table_reports_the_worst_rank_and_oom():
-    rows = []
-    for rank, peak in enumerate([100, 120]):
-        rows.append({"family": "mlp", "param_bytes": 200, "ranks": 2, "rank": rank, "mode": "sharded",
-                     "phase": "build", "peak_bytes": peak, "ideal_bytes": 100.0, "oom": False,
-                     "status": "ok", "init_seconds": 0.5, "gather_seconds": 0.1})
-    rows.append({"family": "mlp", "param_bytes": 200, "ranks": 1, "rank": 0, "mode": "unsharded",
-                 "phase": "build", "peak_bytes": None, "ideal_bytes": 200.0, "oom": True,
-                 "status": "oom", "init_seconds": None, "gather_seconds": None})
-    text = report.table(rows)
-    assert "| 1.200 |" in text  # 120 / 100: the worst rank counts
-    assert "OOM" in text
 
 
 @pytest.mark.distributed
