@@ -10,292 +10,20 @@ report.html, report.md, results.json and two plots to --out.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import signal
 import sys
 import time
 
-from bench.families import FAMILIES
-from bench.scenarios import MODES
+from bench import stopping
+from bench.cli import MiB, PROG, Parser, budget_bytes, parse_args
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-MiB = 1 << 20
 _START = time.perf_counter()
-PROG = "python -m bench"
-DEFAULT_SIZES_MIB = (16, 64, 256)
-DEFAULT_RANKS = (1, 2, 4)
-DEFAULT_MODES = ("unsharded", "sharded")
-QUICK_SIZES_MIB = (8, 32)
-QUICK_RANKS = (1, 2)
-MAIN_JOB_SECONDS = "about 70 s"  # measured: see the README
-
-_SUBCOMMANDS = f"""\
-subcommands ({PROG} SUBCOMMAND --help for each one's options):
-  run             the main job (the default: `{PROG}` is `{PROG} run`)
-                    {PROG} --quick --out /tmp/smoke
-  peers           unsharded, naive, keras-native and sharded in one report
-                    {PROG} peers --families mlp --sizes 16,64 --ranks 1,2
-  plan            per-rank peaks at scale, predicted with fake tensors (no memory used)
-                    {PROG} plan --family transformer --params 70B --ranks 8,64,1024
-  gate            the memory regression gate CI runs (exit 1 on a violation)
-                    {PROG} gate
-  compare-memory  gate per-rank peaks between two pytest-benchmark JSON files
-                    {PROG} compare-memory .benchmarks/base.json .benchmarks/new.json --factor 1.10
-
-examples:
-  {PROG}                                    # the main job, {MAIN_JOB_SECONDS} on 2 cores
-  {PROG} --quick                            # smoke run: sizes {",".join(map(str, QUICK_SIZES_MIB))} MiB, N = {",".join(map(str, QUICK_RANKS))}, build only
-  {PROG} --families mlp --sizes 32,128 --ranks 1,2,4 --budget 96 --out /tmp/r
-
-exit status: 0 done, 1 a rank failed (error/timeout, see results.json), 2 bad options,
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
-"""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: what is wrong, what was received, what to do."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _fail(parser, message):
-    parser.error(message)
-
-
-# --- option types: each raises with the valid choices and the value received --------------
-
-
-def _positive_ints(what, example):
-    def parse(text):
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        try:
-            values = tuple(sorted({int(x) for x in items}))
-        except ValueError:
-            values = ()
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(
-                f"expected {what}: positive whole numbers separated by commas, e.g. {example}. "
-                f"Received: {text!r}")
-        return values
-    return parse
-
-
-def _names(what, valid):
-    def parse(text):
-        items = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-        bad = [x for x in items if x not in valid]
-        if not items or bad:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(map(repr, bad)) or '(none given)'}; choose from "
-                f"{', '.join(valid)}, separated by commas. Received: {text!r}")
-        return items
-    return parse
-
-
-def _budget(text):
-    t = text.strip().lower()
-    if t in ("auto", "none"):
-        return t
-    try:
-        value = float(t)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(
-            f"expected 'auto', 'none' or a positive number of MiB per rank, e.g. 192. Received: {text!r}")
-    return value
-
-
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, e.g. 300. Received: {text!r}")
-    return value
-
-
-def _parser(prog=PROG):
-    p = _Parser(prog=prog, description=__doc__, epilog=_SUBCOMMANDS,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", type=_names("family", FAMILIES), default=None, metavar="LIST",
-                   help=f"model families, from {','.join(FAMILIES)} (default: all)")
-    p.add_argument("--sizes", type=_positive_ints("sizes in MiB", "16,64,256"), default=None, metavar="MIB",
-                   help=f"parameter sizes in MiB (default: {','.join(map(str, DEFAULT_SIZES_MIB))})")
-    p.add_argument("--ranks", type=_positive_ints("world sizes", "1,2,4"), default=None, metavar="N",
-                   help=f"world sizes (default: {','.join(map(str, DEFAULT_RANKS))})")
-    p.add_argument("--modes", type=_names("mode", MODES), default=None, metavar="LIST",
-                   help=f"from {','.join(MODES)} (default: {','.join(DEFAULT_MODES)}; keras-native needs "
-                        f"keras-nightly: `{PROG} peers` makes its environment)")
-    p.add_argument("--budget", type=_budget, default="auto", metavar="MIB",
-                   help="per-rank budget for the largest size's second build: 'auto' = 3/4 of the largest "
-                        "size (stock Keras cannot fit, sharded N >= 2 can), 'none', or MiB (default: auto)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: gloo ranks on this machine's cores; cuda: one rank per GPU (default: cpu)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="output folder, created if missing (default: bench-results/)")
-    p.add_argument("--timeout", type=_seconds, default=300.0, metavar="S",
-                   help="seconds per scenario before its ranks are stopped (default: 300)")
-    p.add_argument("--no-step", action="store_true", help="measure the build only, no train step")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: sizes {','.join(map(str, QUICK_SIZES_MIB))} MiB, N = "
-                        f"{','.join(map(str, QUICK_RANKS))}, build only; options given explicitly still apply")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p
-
-
-def _has_keras_nightly() -> bool:
-    from importlib import metadata
-
-    for dist in ("keras-nightly", "keras"):
-        try:
-            version = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-        if dist == "keras-nightly" or ".dev" in version:
-            return True
-    return False
-
-
-def _check_out(path) -> str | None:
-    """None when ``path`` is (now) a folder we can write to, else why not."""
-    import tempfile
-
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".bench-write-test-"):
-            pass
-    except OSError as exc:
-        return (f"--out: cannot create or write to the folder {path!r} ({exc.strerror or exc}); "
-                "choose a writable folder, e.g. --out bench-results")
-    return None
-
-
-def parse_args(argv, *, parser=None, out_default="bench-results", modes_default=DEFAULT_MODES,
-               native_here=True):
-    """Parsed and validated options: every check runs here, before any rank starts."""
-    p = parser or _parser()
-    args = p.parse_args(argv)
-    quick = args.quick
-    args.families = args.families or FAMILIES
-    args.sizes = args.sizes or (QUICK_SIZES_MIB if quick else DEFAULT_SIZES_MIB)
-    args.ranks = args.ranks or (QUICK_RANKS if quick else DEFAULT_RANKS)
-    args.modes = args.modes or modes_default
-    args.no_step = args.no_step or quick
-    args.out = args.out or out_default
-    if native_here and "keras-native" in args.modes and not _has_keras_nightly():
-        _fail(p, "--modes keras-native needs keras-nightly, which this environment lacks; "
-                 f"`{PROG} peers` measures it in its own virtualenv")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            _fail(p, "--device cuda: this machine has no usable CUDA device; use --device cpu")
-    problem = _check_out(args.out)
-    if problem:
-        _fail(p, problem)
-    return args
-
-
-def _budget_bytes(budget, sizes):
-    if budget == "none":
-        return None
-    if budget == "auto":
-        return int(0.75 * max(sizes) * MiB)
-    return int(budget * MiB)
-
-
-# --- stopping cleanly on SIGINT / SIGTERM ---------------------------------------------------
-
-
-class Stopped(BaseException):
-    """Raised in the main thread by SIGINT/SIGTERM, after every child process was killed."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-_stopping = False
-
-
-def _kill_descendants() -> None:
-    """SIGKILL every process this one started, by pid: ranks, the forkserver, the resource
-    tracker, a peers subprocess and theirs."""
-    import psutil
-
-    try:
-        kids = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for child in kids:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(kids, timeout=3)
-
-
-def _on_signal(signum, frame):
-    global _stopping
-    if _stopping:
-        return
-    _stopping = True
-    _kill_descendants()  # first: ranks must not outlive us, whatever the main thread was doing
-    raise Stopped(signum)
-
-
-def _install_signal_handlers() -> None:
-    signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # background jobs keep ignoring it
-        signal.signal(signal.SIGINT, _on_signal)
-
-
-def _exit_stopped(signum) -> None:
-    """One line, no process left, exit 128 + signum (130 for SIGINT, 143 for SIGTERM)."""
-    import multiprocessing.process
-    import shutil
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-    _kill_descendants()
-    tempdir = multiprocessing.process.current_process()._config.get("tempdir")
-    if tempdir:
-        shutil.rmtree(tempdir, ignore_errors=True)  # the forkserver's socket folder
-    name = signal.Signals(signum).name
-    done = f" after {_progress['done']} of {_progress['total']} scenarios" if _progress["total"] else ""
-    try:
-        sys.stdout.flush()
-    except Exception:
-        pass
-    sys.stderr.write(f"{PROG}: stopped by {name}{done} ({time.perf_counter() - _START:.1f} s); "
-                     "no report written\n")
-    sys.stderr.flush()
-    os._exit(128 + signum)  # skip atexit: multiprocessing's would wait on the killed children
-
-
-def _start_forkserver() -> None:
-    """Start the ranks' forkserver with SIGINT ignored (ranks inherit it): Ctrl-C in a terminal
-    reaches the whole process group, and only this process should answer it."""
-    from multiprocessing import forkserver
-
-    from shardimpl import launch
-
-    if launch._in_torchrun():
-        return
-    launch._context()  # the preload list
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
+_STARTED = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+_LOAD_START = list(os.getloadavg())  # the machine's load before this run adds its own
 # --- the main job ---------------------------------------------------------------------------
 
 _progress = {"done": 0, "total": 0}
@@ -348,7 +76,7 @@ def collect_rows(args, budget):
              f"{','.join(args.modes)}{limit} -> {args.out}/")
     torchrun = launch._in_torchrun()
     if not torchrun:
-        _start_forkserver()
+        stopping.start_forkserver()
     rows, world, world_key = [], None, None
     try:
         for i, s in enumerate(scenarios, 1):
@@ -391,14 +119,13 @@ def write_all(args, rows, budget, extra=None) -> int:
     from bench import html_report, report
 
     os.makedirs(args.out, exist_ok=True)
+    plots = report.plot_scaling(rows, args.out, budget)
     meta = report.meta(device=args.device, budget_bytes=budget, extra={
-        "wall_seconds": time.perf_counter() - _START,
         "command": " ".join([PROG] + [shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])]),
-        "started": _STARTED, "load_average": list(os.getloadavg()), "load_average_start": _LOAD_START,
-        **(extra or {})})
+        "started": _STARTED, "load_average_start": _LOAD_START, "load_average": list(os.getloadavg()),
+        "wall_seconds": time.perf_counter() - _START, **(extra or {})})
     path = os.path.join
     report.write_results(path(args.out, "results.json"), meta, rows)
-    plots = report.plot_scaling(rows, args.out, budget)
     report.write_report(path(args.out, "report.md"), meta, rows, plots)
     html_report.write_html(path(args.out, "report.html"), meta, rows, plots)
     print(report.table(rows))
@@ -407,16 +134,13 @@ def write_all(args, rows, budget, extra=None) -> int:
         print(_wrap(fam, text))
     print(f"\nwrote {path(args.out, 'report.html')} (open it in a browser), report.md, results.json, "
           + ", ".join(os.path.basename(p) for p in plots))
-    print(f"wall time {meta['wall_seconds']:.0f} s (load average {meta['load_average'][0]:.2f})")
+    print(f"wall time {time.perf_counter() - _START:.0f} s (1-minute load average {_LOAD_START[0]:.2f} "
+          f"at the start, {os.getloadavg()[0]:.2f} now; {os.cpu_count()} CPUs)")
     bad = [r for r in rows if r["status"] in ("error", "timeout")]
     if bad:
         print(f"{len(bad)} rank rows failed (error/timeout); see results.json", file=sys.stderr)
         return 1
     return 0
-
-
-_STARTED = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-_LOAD_START = list(os.getloadavg())
 
 
 def _torchrun_rank():
@@ -427,9 +151,11 @@ def _torchrun_rank():
 
 
 def run_main(argv) -> int:
-    args = parse_args(argv)
+    from bench import cli
+
+    args = parse_args(argv, parser=cli.make_parser(description=__doc__))
     args.argv = list(argv)
-    budget = _budget_bytes(args.budget, args.sizes)
+    budget = budget_bytes(args.budget, args.sizes)
     rank = _torchrun_rank()
     if rank is not None:
         args.ranks = (int(os.environ["WORLD_SIZE"]),)  # under torchrun the world is torchrun's
@@ -468,7 +194,7 @@ def gate_main(argv) -> int:
     """`python -m bench gate [--device cuda]`: the memory regression gate; exit 1 on a violation."""
     from bench import gate
 
-    p = _Parser(prog=f"{PROG} gate", description=gate.__doc__,
+    p = Parser(prog=f"{PROG} gate", description=gate.__doc__,
                 epilog=f"example:\n  {PROG} gate\n  {PROG} gate --device cuda   # on a GPU node",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -487,7 +213,9 @@ def peers_main(argv) -> int:
     from bench import peers
     from bench.scenarios import Scenario
 
-    p = _parser(f"{PROG} peers")
+    from bench import cli
+
+    p = cli.make_parser(f"{PROG} peers")
     p.description = peers.__doc__
     p.epilog = (f"example:\n  {PROG} peers --families mlp --sizes 16,64 --ranks 1,2\n"
                 "(creates or reuses the keras-nightly virtualenv --venv for the keras-native rows)")
@@ -497,7 +225,7 @@ def peers_main(argv) -> int:
                       modes_default=("unsharded", "naive", "sharded"), native_here=False)
     args.argv = ["peers"] + list(argv)
     args.modes = tuple(m for m in args.modes if m != "keras-native")
-    budget = _budget_bytes(args.budget, args.sizes)
+    budget = budget_bytes(args.budget, args.sizes)
     _prepare_process()
     rows, _ = collect_rows(args, budget)
     scenarios = [Scenario(f, s * MiB, n, "keras-native", device=args.device, budget_bytes=budget,
@@ -532,14 +260,17 @@ def _dispatch(argv) -> int:
 def main(argv=None) -> int:
     """The command line. SIGINT exits 130 and SIGTERM 143, with one line and no process left."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _install_signal_handlers()
+    stopping.install_signal_handlers()
     try:
         return _dispatch(argv)
-    except Stopped as stop:
-        _exit_stopped(stop.signum)
+    except stopping.Stopped as stop:
+        signum = stop.signum
     except KeyboardInterrupt:  # a SIGINT that came before the handler was installed
-        _exit_stopped(signal.SIGINT)
-    return 1
+        signum = signal.SIGINT
+    done = f" after {_progress['done']} of {_progress['total']} scenarios" if _progress["total"] else ""
+    stopping.exit_stopped(signum, f"{PROG}: stopped by {{signal}}{done} "
+                                  f"({time.perf_counter() - _START:.1f} s); no report written")
+    return 128 + signum
 
 
 if __name__ == "__main__":
