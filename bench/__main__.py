@@ -239,12 +239,26 @@ def peers_main(argv) -> int:
     return write_all(args, rows, budget, extra)
 
 
+def _check_plan_json(argv) -> None:
+    """`plan --json PATH`: its folder is created and test-written before planning, not after."""
+    from bench import cli
+
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--json" and i + 1 < len(argv) else a[7:] if a.startswith("--json=") else None
+        if path:
+            problem = cli.check_out(os.path.dirname(path) or ".")
+            if problem:
+                cli.Parser(prog=f"{PROG} plan").error(problem.replace("--out:", "--json:").replace(
+                    "--out bench-results", "--json bench-results/plan.json"))
+
+
 def _dispatch(argv) -> int:
     if argv and argv[0] == "gate":
         return gate_main(argv[1:])
     if argv and argv[0] == "plan":
         from bench import plan
 
+        _check_plan_json(argv[1:])
         return plan.main(argv[1:])
     if argv and argv[0] == "peers":
         return peers_main(argv[1:])

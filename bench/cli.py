@@ -154,7 +154,7 @@ def _has_keras_nightly() -> bool:
     return False
 
 
-def _check_out(path) -> str | None:
+def check_out(path) -> str | None:
     """None when ``path`` is (now) a folder we can write to, else why not."""
     import tempfile
 
@@ -188,7 +188,7 @@ def parse_args(argv, *, parser=None, out_default="bench-results", modes_default=
 
         if not torch.cuda.is_available():
             _fail(p, "--device cuda: this machine has no usable CUDA device; use --device cpu")
-    problem = _check_out(args.out)
+    problem = check_out(args.out)
     if problem:
         _fail(p, problem)
     return args

@@ -63,6 +63,7 @@ def test_subcommand_help_is_fast_with_an_example(sub):
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["peers", "--sizes", "abc"], "python -m bench peers: error: argument --sizes"),
     (["gate", "--device", "tpu"], "python -m bench gate: error: argument --device"),
+    (["plan", "--json", "/proc/forbidden/plan.json"], "python -m bench plan: error: --json: cannot create"),
 ])
 def test_bad_options_fail_in_one_line_before_any_rank_starts(args, fragment, tmp_path):
     done, seconds = _bench(*args)
