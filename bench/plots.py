@@ -121,18 +121,20 @@ def _label_lines(ax, labels, x, lo, hi, fontsize=8):
                                     shrinkA=0, shrinkB=3))
 
 
-def _budget_marks(ax, x, entries, budget, width, dodge_all=True):
-    """entries: {mode: (status, peak)} of the budgeted runs at x; X at the budget for OOMs,
+def _budget_marks(ax, x, entries, budget, width, left=False):
+    """entries: {mode: (status, peak)} of the budgeted runs at x; X at the budget for OOMs
+    (side by side, centred on x, or all left of it where the line labels start right of x),
     a ring around the peak for runs that fit."""
     oom = [m for m, (st, _) in entries.items() if st == "OOM"]
     fit = {m: pk for m, (st, pk) in entries.items() if st == "ok" and pk}
-    offsets = {m: (k - (len(oom) - 1) / 2) * width for k, m in enumerate(_modes(oom))}
+    shift = -(len(oom) + 1) / 2 if left else 0.0
+    offsets = {m: (k - (len(oom) - 1) / 2 + shift) * width for k, m in enumerate(_modes(oom))}
     for m in oom:
         _, color, _, _ = _style(m)
         ax.plot([x * 2 ** offsets[m]], [budget / MiB], marker="X", color=color, markersize=11,
                 markeredgecolor="white", markeredgewidth=1.0, linestyle="none", zorder=6)
     if oom:
-        ax.annotate("OOM", xy=(x, budget / MiB), xytext=(0, -9), textcoords="offset points", ha="center",
+        ax.annotate("OOM", xy=(x * 2 ** (shift * width), budget / MiB), xytext=(0, -9), textcoords="offset points", ha="center",
                     va="top", fontsize=7, color=_BUDGET, fontweight="bold")
     for m, pk in fit.items():
         _, color, _, _ = _style(m)
@@ -217,7 +219,7 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
                 extra.append(_budget_line(ax, budget, ns[0] / 1.3, ns[-1] * 1.15))
                 for n in ns:
                     _budget_marks(ax, n, {k[3]: (st, pk) for k, (_, st, pk) in here.items() if k[2] == n},
-                                  budget, 0.16)
+                                  budget, 0.16, left=n == ns[-1] and n != ns[0])
             _panel(ax, lines, (ns, [p / n / MiB for n in ns]), lo, hi, ns[0] / 1.3, ns[-1], 0.09, extra)
             ax.set_xticks(ns, [str(n) for n in ns])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -257,8 +259,9 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
             if here:
                 budget = next(iter(here.values()))[0]
                 p_b = sorted({k[1] for k in here})[-1] / MiB
-                extra.append(_budget_line(ax, budget, p_b / 1.6, p_b * 1.25))
-                _budget_marks(ax, p_b, {k[3]: (st, pk) for k, (_, st, pk) in here.items()}, budget, 0.2)
+                extra.append(_budget_line(ax, budget, p_b / 2.2, p_b * 1.1))
+                _budget_marks(ax, p_b, {k[3]: (st, pk) for k, (_, st, pk) in here.items()}, budget, 0.2,
+                              left=p_b == xs[-1] and len(xs) > 1)
             _panel(ax, lines, (xs, [x / n for x in xs]), lo, hi, xs[0] / 1.5, xs[-1], 0.12, extra)
             ax.set_xticks(xs, [f"{x:.0f}" for x in xs])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
