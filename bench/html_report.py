@@ -32,6 +32,8 @@ th { background: #fafafa; position: sticky; top: 0; text-align: left; border-bot
 td.num, th.num { text-align: right; }
 tr.group td { border-top: 2px solid #ccc; }
 td.OOM { color: #b00; font-weight: bold; }
+td.mode-unsharded { color: #d62728; } td.mode-sharded { color: #1f77b4; }
+td.mode-naive { color: #c96200; } td.mode-keras-native { color: #2ca02c; }
 td.error, td.timeout { color: #fff; background: #b00; }
 table.meta td:first-child { color: #666; padding-right: 18px; }
 table.meta td { font-family: system-ui, sans-serif; white-space: normal; }
@@ -47,7 +49,7 @@ def _data_uri(path) -> str:
 def _table(rows) -> str:
     summary = report.summarize(rows)
     headers, body, right = report.cells(summary)
-    status_col = headers.index("status")
+    status_col, mode_col = headers.index("status"), headers.index("mode")
     out = ["<table class='scenarios'><thead><tr>"]
     out += [f"<th class='{'num' if r else ''}'>{html.escape(h)}</th>" for h, r in zip(headers, right)]
     out.append("</tr></thead><tbody>")
@@ -60,6 +62,8 @@ def _table(rows) -> str:
             cls = ["num"] if r else []
             if i == status_col:
                 cls.append(html.escape(v))
+            if i == mode_col:
+                cls.append("mode-" + html.escape(s["mode"]))
             title = f" title='{html.escape('; '.join(s['errors']))}'" if i == status_col and s["errors"] else ""
             out.append(f"<td class='{' '.join(cls)}'{title}>{html.escape(v)}</td>")
         out.append("</tr>")
