@@ -24,6 +24,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 _START = time.perf_counter()
 _STARTED = time.strftime("%Y-%m-%d %H:%M:%S %Z")
 _LOAD_START = list(os.getloadavg())  # the machine's load before this run adds its own
+
+
 # --- the main job ---------------------------------------------------------------------------
 
 _progress = {"done": 0, "total": 0}
@@ -195,8 +197,8 @@ def gate_main(argv) -> int:
     from bench import gate
 
     p = Parser(prog=f"{PROG} gate", description=gate.__doc__,
-                epilog=f"example:\n  {PROG} gate\n  {PROG} gate --device cuda   # on a GPU node",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+               epilog=f"example:\n  {PROG} gate\n  {PROG} gate --device cuda   # on a GPU node",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = p.parse_args(argv)
     _prepare_process()
@@ -210,10 +212,8 @@ def gate_main(argv) -> int:
 
 def peers_main(argv) -> int:
     """`python -m bench peers [options]`: unsharded, naive, keras-native and sharded in one report."""
-    from bench import peers
+    from bench import cli, peers
     from bench.scenarios import Scenario
-
-    from bench import cli
 
     p = cli.make_parser(f"{PROG} peers")
     p.description = peers.__doc__
@@ -246,10 +246,9 @@ def _check_plan_json(argv) -> None:
     for i, a in enumerate(argv):
         path = argv[i + 1] if a == "--json" and i + 1 < len(argv) else a[7:] if a.startswith("--json=") else None
         if path:
-            problem = cli.check_out(os.path.dirname(path) or ".")
+            problem = cli.check_out(os.path.dirname(path) or ".", "--json", "--json bench-results/plan.json")
             if problem:
-                cli.Parser(prog=f"{PROG} plan").error(problem.replace("--out:", "--json:").replace(
-                    "--out bench-results", "--json bench-results/plan.json"))
+                cli.Parser(prog=f"{PROG} plan").error(problem)
 
 
 def _dispatch(argv) -> int:

@@ -24,6 +24,7 @@ QUICK_SIZES_MIB = (8, 32)
 QUICK_RANKS = (1, 2)
 MAIN_JOB_SECONDS = "about 70 s"  # measured: see the README
 
+_QUICK = f"{','.join(map(str, QUICK_SIZES_MIB))} MiB, N = {','.join(map(str, QUICK_RANKS))}"
 SUBCOMMANDS = f"""\
 subcommands ({PROG} SUBCOMMAND --help for each one's options):
   run             the main job (the default: `{PROG}` is `{PROG} run`)
@@ -35,11 +36,11 @@ subcommands ({PROG} SUBCOMMAND --help for each one's options):
   gate            the memory regression gate CI runs (exit 1 on a violation)
                     {PROG} gate
   compare-memory  gate per-rank peaks between two pytest-benchmark JSON files
-                    {PROG} compare-memory .benchmarks/base.json .benchmarks/new.json --factor 1.10
+                    {PROG} compare-memory bench-results/pb/base.json bench-results/pb/new.json
 
 examples:
-  {PROG}                                    # the main job, {MAIN_JOB_SECONDS} on 2 cores
-  {PROG} --quick                            # smoke run: sizes {",".join(map(str, QUICK_SIZES_MIB))} MiB, N = {",".join(map(str, QUICK_RANKS))}, build only
+  {PROG}                # the main job, {MAIN_JOB_SECONDS} on 2 quiet cores
+  {PROG} --quick        # smoke run: sizes {_QUICK}, build only
   {PROG} --families mlp --sizes 32,128 --ranks 1,2,4 --budget 96 --out /tmp/r
 
 exit status: 0 done, 1 a rank failed (error/timeout, see results.json), 2 bad options,
@@ -52,10 +53,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _fail(p, message):
-    p.error(message)
 
 
 # --- option types: each raises with the valid choices and the value received --------------
@@ -154,7 +151,7 @@ def _has_keras_nightly() -> bool:
     return False
 
 
-def check_out(path) -> str | None:
+def check_out(path, option="--out", example="--out bench-results") -> str | None:
     """None when ``path`` is (now) a folder we can write to, else why not."""
     import tempfile
 
@@ -163,8 +160,8 @@ def check_out(path) -> str | None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".bench-write-test-"):
             pass
     except OSError as exc:
-        return (f"--out: cannot create or write to the folder {path!r} ({exc.strerror or exc}); "
-                "choose a writable folder, e.g. --out bench-results")
+        return (f"{option}: cannot create or write to the folder {path!r} ({exc.strerror or exc}); "
+                f"choose a writable folder, e.g. {example}")
     return None
 
 
@@ -181,16 +178,16 @@ def parse_args(argv, *, parser=None, out_default="bench-results", modes_default=
     args.no_step = args.no_step or quick
     args.out = args.out or out_default
     if native_here and "keras-native" in args.modes and not _has_keras_nightly():
-        _fail(p, "--modes keras-native needs keras-nightly, which this environment lacks; "
-                 f"`{PROG} peers` measures it in its own virtualenv")
+        p.error("--modes keras-native needs keras-nightly, which this environment lacks; "
+                f"`{PROG} peers` measures it in its own virtualenv")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            _fail(p, "--device cuda: this machine has no usable CUDA device; use --device cpu")
+            p.error("--device cuda: this machine has no usable CUDA device; use --device cpu")
     problem = check_out(args.out)
     if problem:
-        _fail(p, problem)
+        p.error(problem)
     return args
 
 

@@ -134,8 +134,8 @@ def _budget_marks(ax, x, entries, budget, width, left=False):
         ax.plot([x * 2 ** offsets[m]], [budget / MiB], marker="X", color=color, markersize=11,
                 markeredgecolor="white", markeredgewidth=1.0, linestyle="none", zorder=6)
     if oom:
-        ax.annotate("OOM", xy=(x * 2 ** (shift * width), budget / MiB), xytext=(0, -9), textcoords="offset points", ha="center",
-                    va="top", fontsize=7, color=_BUDGET, fontweight="bold")
+        ax.annotate("OOM", xy=(x * 2 ** (shift * width), budget / MiB), xytext=(0, -9), textcoords="offset points",
+                    ha="center", va="top", fontsize=7, color=_BUDGET, fontweight="bold")
     for m, pk in fit.items():
         _, color, _, _ = _style(m)
         ax.plot([x], [pk / MiB], marker="o", markersize=15, markerfacecolor="none", markeredgecolor=color,
