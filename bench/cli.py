@@ -17,7 +17,7 @@ from bench.scenarios import MODES
 
 MiB = 1 << 20
 PROG = "python -m bench"
-DEFAULT_SIZES_MIB = (16, 64, 256)
+DEFAULT_SIZES_MIB = (8, 32, 128)
 DEFAULT_RANKS = (1, 2, 4)
 DEFAULT_MODES = ("unsharded", "sharded")
 QUICK_SIZES_MIB = (8, 32)
