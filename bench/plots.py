@@ -134,8 +134,11 @@ def _budget_marks(ax, x, entries, budget, width, left=False):
         ax.plot([x * 2 ** offsets[m]], [budget / MiB], marker="X", color=color, markersize=11,
                 markeredgecolor="white", markeredgewidth=1.0, linestyle="none", zorder=6)
     if oom:
-        ax.annotate("OOM", xy=(x * 2 ** (shift * width), budget / MiB), xytext=(0, -9), textcoords="offset points",
-                    ha="center", va="top", fontsize=7, color=_BUDGET, fontweight="bold")
+        # Below the crosses; right-aligned when they sit left of x, clear of a ring at x.
+        at = max(offsets.values()) if left else 0.0  # the rightmost cross, or the centre
+        ax.annotate("OOM", xy=(x * 2 ** at, budget / MiB),
+                    xytext=(4 if left else 0, -9), textcoords="offset points", ha="right" if left else "center",
+                    va="top", fontsize=7, color=_BUDGET, fontweight="bold")
     for m, pk in fit.items():
         _, color, _, _ = _style(m)
         ax.plot([x], [pk / MiB], marker="o", markersize=15, markerfacecolor="none", markeredgecolor=color,
@@ -197,7 +200,8 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
     # --- per-rank peak vs N, one panel per (family, size) -------------------------------
     sizes = {f: sorted({k[1] for k in keys if k[0] == f}) for f in families}
     ncols = max(len(v) for v in sizes.values())
-    fig, axes = plt.subplots(len(families), ncols, figsize=(4.6 * ncols, 3.9 * len(families)), squeeze=False)
+    fig, axes = plt.subplots(len(families), ncols, figsize=(max(7.5, 4.6 * ncols), 3.9 * len(families)),
+                             squeeze=False)
     for i, fam in enumerate(families):
         for j in range(ncols):
             ax = axes[i][j]
@@ -229,14 +233,14 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
             ax.set_xlabel("ranks N")
             if j == 0:
                 ax.set_ylabel("per-rank build peak (MiB)")
-    _footer(fig, budgeted)
-    fig.suptitle("Per-rank build peak vs ranks: sharded follows P/N, stock Keras stays flat", fontsize=12)
-    paths.append(_save(fig, out_dir, "scaling_vs_ranks.png"))
+    paths.append(_save(fig, out_dir, "scaling_vs_ranks.png", budgeted,
+                       "Per-rank build peak vs ranks: sharded follows P/N, stock Keras stays flat"))
 
     # --- per-rank peak vs model size, one panel per (family, N) -------------------------
     ranks = {f: sorted({k[2] for k in keys if k[0] == f}) for f in families}
     ncols = max(len(v) for v in ranks.values())
-    fig, axes = plt.subplots(len(families), ncols, figsize=(4.6 * ncols, 3.9 * len(families)), squeeze=False)
+    fig, axes = plt.subplots(len(families), ncols, figsize=(max(7.5, 4.6 * ncols), 3.9 * len(families)),
+                             squeeze=False)
     for i, fam in enumerate(families):
         row_values = [v / MiB for k, v in measured.items() if k[0] == fam]
         row_values += [k[1] / k[2] / MiB for k in keys if k[0] == fam]
@@ -270,27 +274,29 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
             ax.set_xlabel("model parameters P (MiB)")
             if j == 0:
                 ax.set_ylabel("per-rank build peak (MiB)")
-    _footer(fig, budgeted)
-    fig.suptitle("Per-rank build peak vs model size: the budget only applies at the largest size", fontsize=12)
-    paths.append(_save(fig, out_dir, "scaling_vs_size.png"))
+    paths.append(_save(fig, out_dir, "scaling_vs_size.png", budgeted,
+                       "Per-rank build peak vs model size: the budget only applies at the largest size"))
     return paths
 
 
-def _footer(fig, budgeted):
+def _save(fig, out_dir, name, budgeted, title) -> str:
+    """Title on top and the key to the marks at the bottom, both wrapped to the figure's width."""
     import textwrap
+
+    import matplotlib.pyplot as plt
 
     note = "Grey band: the ideal P/N."
     if budgeted:
         note += ("  Dashed line: the per-rank budget, drawn at the size that ran under it.  X on it: that "
                  "run ran out of memory there (OOM).  Ring: that run fit under the budget.")
-    width = int(fig.get_figwidth() * 16)  # characters of 8 pt text per line
-    fig.text(0.01, 0.005, textwrap.fill(note, width), fontsize=8, color="#444444", ha="left", va="bottom")
-
-
-def _save(fig, out_dir, name) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout(rect=(0, 0.045, 1, 0.95))
+    width_in, height_in = fig.get_size_inches()
+    note = textwrap.fill(note, int(width_in * 16))  # characters of 8 pt text per line
+    title = textwrap.fill(title, int(width_in * 10))  # of 12 pt text
+    fig.text(0.01, 0.005, note, fontsize=8, color="#444444", ha="left", va="bottom")
+    fig.suptitle(title, fontsize=12)
+    bottom = (0.15 * (note.count("\n") + 1) + 0.05) / height_in
+    top = 1 - (0.22 * (title.count("\n") + 1) + 0.1) / height_in
+    fig.tight_layout(rect=(0, bottom, 1, top))
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=100)
     plt.close(fig)
