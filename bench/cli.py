@@ -22,7 +22,7 @@ DEFAULT_RANKS = (1, 2, 4)
 DEFAULT_MODES = ("unsharded", "sharded")
 QUICK_SIZES_MIB = (8, 32)
 QUICK_RANKS = (1, 2)
-MAIN_JOB_SECONDS = "about 70 s"  # measured: see the README
+MAIN_JOB_SECONDS = "about a minute"  # 126 CPU-seconds: see the README
 
 _QUICK = f"{','.join(map(str, QUICK_SIZES_MIB))} MiB, N = {','.join(map(str, QUICK_RANKS))}"
 SUBCOMMANDS = f"""\
@@ -39,7 +39,7 @@ subcommands ({PROG} SUBCOMMAND --help for each one's options):
                     {PROG} compare-memory bench-results/pb/base.json bench-results/pb/new.json
 
 examples:
-  {PROG}                # the main job, {MAIN_JOB_SECONDS} on 2 quiet cores
+  {PROG}                # the main job: {MAIN_JOB_SECONDS} on 2 idle cores
   {PROG} --quick        # smoke run: sizes {_QUICK}, build only
   {PROG} --families mlp --sizes 32,128 --ranks 1,2,4 --budget 96 --out /tmp/r
 
