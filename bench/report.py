@@ -33,7 +33,9 @@ DEFINITIONS = (
     "while building the model (build) or during one train step (step): PeakMeter counts tensor "
     "storage at the allocator (CPU) or reads the CUDA allocator's peak. x P/N = that peak over the "
     "ideal share P/N (build) or 2P/N (step: gradients + momentum). Scenarios with a budget built "
-    "the largest model again under that per-rank allocation limit; OOM = the allocator refused."
+    "the largest model again under that per-rank allocation limit; OOM = the allocator refused. "
+    "Sharded builds carry a fixed extra of about 1 MiB per rank (one initializer tile), which is why "
+    "the smallest models sit visibly above P/N."
 )
 
 # Optional per-row fields: (field, column label, formatter kind, worst-rank reduction).
