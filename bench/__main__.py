@@ -31,13 +31,19 @@ _LOAD_START = list(os.getloadavg())  # the machine's load before this run adds i
 _progress = {"done": 0, "total": 0}
 
 
+def _step_at(args, size) -> bool:
+    """Whether the scenarios of ``size`` measure a train step: the largest size only, unless
+    --step-every-size (or none with --no-step)."""
+    return not args.no_step and (getattr(args, "step_every_size", False) or size == max(args.sizes))
+
+
 def scenarios_for(args, budget):
     """Every (family, size, N, mode) without a limit (the scaling), then the largest size again
     under the budget (the OOM demonstration), ordered so that one world of ranks serves each
     (N, mode) in turn."""
     from bench.scenarios import Scenario
 
-    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=not args.no_step)
+    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size))
            for n in args.ranks for mode in args.modes for fam in args.families for size in args.sizes]
     if budget:
         out += [Scenario(fam, max(args.sizes) * MiB, n, mode, device=args.device, budget_bytes=budget, step=False)
@@ -229,7 +235,7 @@ def peers_main(argv) -> int:
     _prepare_process()
     rows, _ = collect_rows(args, budget)
     scenarios = [Scenario(f, s * MiB, n, "keras-native", device=args.device, budget_bytes=budget,
-                          step=not args.no_step)
+                          step=_step_at(args, s))
                  for f in args.families for s in args.sizes for n in args.ranks]
     native_rows, native_meta = peers.run_keras_native(args, scenarios, args.venv)
     rows += native_rows

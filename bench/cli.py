@@ -131,6 +131,9 @@ def make_parser(prog=PROG, description=None):
     p.add_argument("--timeout", type=_seconds, default=300.0, metavar="S",
                    help="seconds per scenario before its ranks are stopped (default: 300)")
     p.add_argument("--no-step", action="store_true", help="measure the build only, no train step")
+    p.add_argument("--step-every-size", action="store_true",
+                   help="measure the train step at every size (default: at the largest size only, on "
+                        "every N: the figure the verdict reports; the step costs more than the build)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: sizes {','.join(map(str, QUICK_SIZES_MIB))} MiB, N = "
                         f"{','.join(map(str, QUICK_RANKS))}, build only; options given explicitly still apply")

@@ -35,7 +35,8 @@ DEFINITIONS = (
     "ideal share P/N (build) or 2P/N (step: gradients + momentum). Scenarios with a budget built "
     "the largest model again under that per-rank allocation limit; OOM = the allocator refused. "
     "Sharded builds carry a fixed extra of about 1 MiB per rank (one initializer tile), which is why "
-    "the smallest models sit visibly above P/N."
+    "the smallest models sit visibly above P/N. A '-' in the step columns: no step was measured there "
+    "(the main job steps at its largest size only, unless --step-every-size)."
 )
 
 # Optional per-row fields: (field, column label, formatter kind, worst-rank reduction).

@@ -93,6 +93,25 @@ def test_out_must_be_a_writable_folder(tmp_path):
     assert done.returncode == 2 and "--out: cannot create or write" in done.stderr
 
 
+def test_the_main_job_steps_at_its_largest_size_and_builds_again_under_the_budget(tmp_path):
+    from bench import cli
+    from bench.__main__ import scenarios_for
+
+    args = cli.parse_args(["--out", str(tmp_path)])
+    scenarios = scenarios_for(args, cli.budget_bytes(args.budget, args.sizes))
+    assert len(scenarios) == 2 * 3 * 3 * 2 + 2 * 3 * 2
+    largest = max(args.sizes) << 20
+    assert {s.param_bytes for s in scenarios if s.step} == {largest}
+    assert sum(s.step for s in scenarios) == 2 * 3 * 2  # every family, N and mode at the largest size
+    budgeted = [s for s in scenarios if s.budget_bytes]
+    assert {s.param_bytes for s in budgeted} == {largest} and not any(s.step for s in budgeted)
+    assert all(s.budget_bytes == int(0.75 * largest) for s in budgeted)
+    every = cli.parse_args(["--step-every-size", "--out", str(tmp_path)])
+    assert all(s.step for s in scenarios_for(every, None))
+    quick = cli.parse_args(["--quick", "--out", str(tmp_path)])
+    assert quick.sizes == cli.QUICK_SIZES_MIB and not any(s.step for s in scenarios_for(quick, None))
+
+
 # --- stopping ---------------------------------------------------------------------------
 
 
