@@ -22,7 +22,7 @@ DEFAULT_RANKS = (1, 2, 4)
 DEFAULT_MODES = ("unsharded", "sharded")
 QUICK_SIZES_MIB = (8, 32)
 QUICK_RANKS = (1, 2)
-MAIN_JOB_SECONDS = "about a minute"  # 126 CPU-seconds: see the README
+MAIN_JOB_SECONDS = "about a minute"  # about 100 CPU-seconds: see the README
 
 _QUICK = f"{','.join(map(str, QUICK_SIZES_MIB))} MiB, N = {','.join(map(str, QUICK_RANKS))}"
 SUBCOMMANDS = f"""\
