@@ -1,4 +1,5 @@
-"""The benchmark harness's pure parts: parameter counts, the memory compare, the report."""
+"""The benchmark harness: parameter counts, the memory compare, the main job end to end
+(the report's pure parts: tests/test_report.py; the command line: tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from bench import compare, families, report
+from bench import compare, families
 
 
 @pytest.mark.parametrize("family", families.FAMILIES)
@@ -74,25 +75,10 @@ def test_compare_memory_gates_the_host_figure_with_factor_and_slack(tmp_path, ca
     assert compare.main([base, grown, "--host-slack-mib", "40"]) == 0
 
 
-def test_table_reports_the_worst_rank_and_oom():
-    rows = []
-    for rank, peak in enumerate([100, 120]):
-        rows.append({"family": "mlp", "param_bytes": 200, "ranks": 2, "rank": rank, "mode": "sharded",
-                     "phase": "build", "peak_bytes": peak, "ideal_bytes": 100.0, "oom": False,
-                     "status": "ok", "init_seconds": 0.5, "gather_seconds": 0.1})
-    rows.append({"family": "mlp", "param_bytes": 200, "ranks": 1, "rank": 0, "mode": "unsharded",
-                 "phase": "build", "peak_bytes": None, "ideal_bytes": 200.0, "oom": True,
-                 "status": "oom", "init_seconds": None, "gather_seconds": None})
-    rows[1]["host_peak_bytes"] = 3 << 20
-    text = report.table(rows)
-    assert "| 1.200 |" in text  # 120 / 100: the worst rank counts
-    assert "host/rank MiB" in text and "| 3.0 |" in text
-    assert "OOM" in text
-
-
 @pytest.mark.distributed
 def test_main_job_writes_results_report_and_both_plots(tmp_path):
     import os
+    import re
     import subprocess
     import sys
 
@@ -100,15 +86,24 @@ def test_main_job_writes_results_report_and_both_plots(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--families", "mlp", "--sizes", "8,32", "--ranks", "1,2",
-         "--budget", "24", "--no-step", "--quiet", "--out", str(out)],
+         "--budget", "24", "--no-step", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "KERAS_BACKEND": "torch"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "peak/rank MiB" in done.stdout
+    assert "build MiB/rank" in done.stdout and "x P/N" in done.stdout
+    assert re.search(r"^mlp: sharded per-rank build peak = 1\.\d\d x P/N at N = 2", done.stdout, re.M)
+    assert "stock Keras OOMs at every N, sharded fits at N = 2, OOM at N = 1" in " ".join(done.stdout.split())
+    # Progress: one whole line per scenario, nothing from the ranks inside it.
+    progress = [ln for ln in done.stderr.splitlines() if ln.startswith("[")]
+    assert len(progress) == 2 * 2 * 2 + 2 * 2, done.stderr
+    assert all(re.fullmatch(r"\[\s*\d+/12\] mlp .* (ok|OOM)\s+\d+\.\d s", ln) for ln in progress), progress
+    assert "alltoall" not in done.stderr
     data = json.loads((out / "results.json").read_text())
-    assert {"torch", "keras", "device", "machine", "budget_bytes"} <= set(data["meta"])
+    assert {"torch", "keras", "device", "machine", "budget_bytes", "wall_seconds", "command"} <= set(data["meta"])
     budgeted = [r for r in data["rows"] if r["budget_bytes"]]
     assert all(r["oom"] for r in budgeted if r["mode"] == "unsharded")  # a 32 MiB stock build > 24 MiB
     assert not any(r["oom"] for r in budgeted if r["mode"] == "sharded" and r["ranks"] == 2)
     for name in ("scaling_vs_ranks.png", "scaling_vs_size.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "scaling_vs_size.png" in (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "stock Keras OOMs at every N" in html
