@@ -4,7 +4,9 @@ Each runs on every rank of a `shardimpl.launch.World` and returns this rank's
 measurements, so the parent can time the call and record per-rank peaks: both
 of `PeakMeter`'s figures, ``peak_bytes`` (torch's allocator, exact to the byte
 and deterministic) and ``host_peak_bytes`` (the whole process, torch or not;
-page-granular, within about 1 MiB from run to run).
+page-granular, within about 1 MiB from run to run). The calls are timed, so the
+meters read the host figure's resident view only (``trace_python=False``:
+tracing Python's allocations would be timed too).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def distribute_once(size_mib: int, device: str = "cpu") -> dict:
 
     layout = _layout(device)
     _cache.pop("var", None)
-    with PeakMeter("cuda" if device == "cuda" else "cpu") as m:
+    with PeakMeter("cuda" if device == "cuda" else "cpu", trace_python=False) as m:
         v = shardimpl.distribute_variable("glorot_uniform", layout, shape=variable_shape(size_mib),
                                           dtype="float32", name="bench/kernel")
     _cache["var"] = v
@@ -60,7 +62,7 @@ def gather_once(size_mib: int, device: str = "cpu") -> dict:
     if v is None or tuple(v.shape) != variable_shape(size_mib):
         distribute_once(size_mib, device)
         v = _cache["var"]
-    with PeakMeter("cpu") as m:
+    with PeakMeter("cpu", trace_python=False) as m:
         full = shardimpl.all_gather_variable(v, device="cpu", dst=0, name="bench/kernel")
     ok = full is None or tuple(full.shape) == tuple(v.shape)
     del full

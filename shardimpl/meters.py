@@ -345,6 +345,16 @@ def _malloc_free_bytes() -> int | None:
     return int(fn().fordblks)
 
 
+def _fake_mode_active() -> bool:
+    """Under a FakeTensorMode (planning) nothing real is allocated: tracing would only slow it."""
+    try:
+        from torch._guards import detect_fake_mode
+
+        return detect_fake_mode() is not None
+    except Exception:
+        return False
+
+
 _warmed = False
 
 
@@ -364,7 +374,7 @@ class PeakMeter:
     device: "cpu", "cuda", a torch.device, or None (CUDA if this process has a
     current CUDA device in use, else CPU): where the torch-allocator figure is
     read. trace_python: also run tracemalloc inside the block (the traced host
-    view). The module docstring says how each figure is measured and what it
+    view; skipped under a FakeTensorMode, where nothing real is allocated). The module docstring says how each figure is measured and what it
     misses. Meters nest, also across threads. Entering makes glibc serve
     blocks >= 128 KiB with their own mappings from then on (`prefer_mmap`).
     """
@@ -380,7 +390,7 @@ class PeakMeter:
         self._counter = None
 
     def _sources(self):
-        sources = [_RESIDENT] + ([_TRACED] if self.trace_python else [])
+        sources = [_RESIDENT] + ([_TRACED] if self.trace_python and not _fake_mode_active() else [])
         if self.device.type == "cuda":
             sources.append(_CUDA.setdefault(self.device.index, _Cuda(self.device)))
         return sources
