@@ -15,6 +15,11 @@ asv's ``peakmem_``. Two kinds of memory track:
 
 A scenario whose ranks failed raises, so asv records a failure (a regression
 in `asv continuous`) rather than a number.
+
+asv discovers benchmarks in every module of bench/: a module-level function
+named ``time_*``, ``track_*``, ``mem_*`` or ``peakmem_*`` anywhere there
+becomes a benchmark (and fails without its arguments). tests/test_bench_tools.py
+checks that only the asv suites define such names.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def _batch(family, size, rows):
     return batch[:rows].numpy()
 
 
-def time_steps(family: str, size: int, sharded: bool, steps: int) -> dict:
+def measure_steps(family: str, size: int, sharded: bool, steps: int) -> dict:
     import keras
     import numpy as np
 
@@ -73,7 +73,7 @@ def measure(families, size, ranks, steps) -> list[dict]:
     for family in families:
         row = {"family": family, "size_bytes": size, "ranks": ranks}
         for label, n, sharded in (("stock", 1, False), ("sharded", ranks, True)):
-            result = launch.run(time_steps, n, family, size, sharded, steps, timeout=900)[0]
+            result = launch.run(measure_steps, n, family, size, sharded, steps, timeout=900)[0]
             if result.status != "ok":
                 row[label] = {"error": (result.error or result.status).strip().splitlines()[-1][:200]}
             else:

@@ -75,6 +75,25 @@ def test_compare_memory_gates_the_host_figure_with_factor_and_slack(tmp_path, ca
     assert compare.main([base, grown, "--host-slack-mib", "40"]) == 0
 
 
+def test_only_the_asv_suites_define_asv_benchmark_names():
+    """asv imports every module of bench/ and runs any module-level time_/track_/mem_/peakmem_
+    function as a benchmark: one that is not (a helper) fails every `asv run` (exit 2)."""
+    import importlib
+    import pkgutil
+
+    import bench
+
+    prefixes = ("time_", "track_", "mem_", "peakmem_")
+    stray = []
+    for info in pkgutil.iter_modules(bench.__path__):
+        if info.name.startswith("bench_") or info.name.startswith("test_") or info.name == "__main__":
+            continue
+        module = importlib.import_module(f"bench.{info.name}")
+        stray += [f"bench.{info.name}.{name}" for name, value in vars(module).items()
+                  if name.startswith(prefixes) and callable(value)]
+    assert not stray, f"asv would run these as benchmarks: {stray}"
+
+
 @pytest.mark.distributed
 def test_main_job_writes_results_report_and_both_plots(tmp_path):
     import os
