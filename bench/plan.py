@@ -65,15 +65,19 @@ def _strided_shard_bounds_outside_fake_mode() -> None:
     _StridedShard.local_shard_size_and_offset = bounds
 
 
-def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> dict:
-    """Rank 0 of a fake ``ranks``-rank world: build (and step) the model; peaks of live bytes."""
+def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True, mesh=None) -> dict:
+    """Rank 0 of a fake ``ranks``-rank world: build (and step) the model; peaks of live bytes.
+
+    ``mesh``: None (the family's 1-D mesh) or (B, M) / 'BxM' for a ("batch", "model") mesh.
+    """
     import keras
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import shardimpl
-    from bench.families import build_model, exact_param_bytes, layout_map, model_mesh, sample_batch
+    from bench.families import (build_model, exact_param_bytes, layout_map, mesh_label, model_mesh, parse_mesh,
+                                sample_batch)
     from bench.scenarios import _train_step
     from shardimpl.mesh import to_torch_mesh
     from shardimpl.meters import PeakMeter
@@ -81,9 +85,11 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> d
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
     _strided_shard_bounds_outside_fake_mode()
     shardimpl.install()
-    mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)])
-    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, param_bytes)))
-    to_torch_mesh(mesh)  # mesh and seed agreement outside the fake mode (they read real values)
+    mesh_shape = parse_mesh(mesh, ranks)
+    keras_mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)], mesh_shape)
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(
+        layout_map=layout_map(family, keras_mesh, param_bytes)))
+    to_torch_mesh(keras_mesh)  # mesh and seed agreement outside the fake mode (they read real values)
     start = time.perf_counter()
     step_peak = None
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -103,21 +109,35 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> d
     return {
         "family": family if not isinstance(param_bytes, str) else f"{family} ({param_bytes})",
         "param_bytes": exact_param_bytes(family, param_bytes), "ranks": ranks,
+        "mesh": mesh_label(mesh_shape, ranks),
         "build_peak_bytes": build.result().device_peak_bytes, "step_peak_bytes": step_peak,
         "local_param_bytes": local, "ideal_bytes": exact_param_bytes(family, param_bytes) / ranks,
         "seconds": time.perf_counter() - start, "step_error": step_error,
     }
 
 
-def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=None) -> list[dict]:
+def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=None, mesh=None) -> list[dict]:
+    """One row per world size in ``ranks_list`` (each in a fresh process).
+
+    ``mesh``: None for the family's 1-D mesh, or (B, M) / 'BxM' for a ("batch", "model") mesh
+    (then ``ranks_list`` may be omitted or must be [B x M]).
+    """
+    from bench.families import parse_mesh
     from shardimpl.launch import _context
 
+    shape = parse_mesh(mesh)
+    if shape is not None:
+        ranks_list = list(ranks_list or [shape[0] * shape[1]])
+        if ranks_list != [shape[0] * shape[1]]:
+            raise ValueError(f"plan: mesh {shape[0]}x{shape[1]} has {shape[0] * shape[1]} ranks; "
+                             f"received ranks {ranks_list}.")
     rows = []
     for n in ranks_list:
         if log:
-            print(f"plan: {family} N={n} ...", end="", flush=True, file=log)
+            label = f" mesh {shape[0]}x{shape[1]}" if shape else ""
+            print(f"plan: {family} N={n}{label} ...", end="", flush=True, file=log)
         with ProcessPoolExecutor(1, mp_context=_context(), max_tasks_per_child=1) as pool:
-            row = pool.submit(plan_rank, family, param_bytes, n, step).result()
+            row = pool.submit(plan_rank, family, param_bytes, n, step, shape).result()
         rows.append(row)
         if log:
             print(f" {row['seconds']:.1f} s", file=log)
