@@ -201,6 +201,13 @@ def _layout_map_2d(family: str, mesh, param_bytes: int | None):
         lm[r".*mlp_up/kernel"] = (None, ("batch", "model"))
         lm[r".*mlp_up/bias"] = (("batch", "model"),)
         lm[r".*mlp_down/kernel"] = (("batch", "model"), None)
+    # Activations between layers: whole along "model" (what every layer above consumes) and
+    # split along "batch" when the batch divides evenly (DTensor cannot reshape an uneven
+    # split: 8 sequences over 128 ranks stay whole). Without these DTensor may drift (tokens
+    # split along "model") into layouts where a kernel's gradient comes out whole.
+    act = ("batch", None, None) if BATCH % batch_ranks == 0 else (None, None, None)
+    for name in ("token_embedding", r"block\d+_ln\d", r"block\d+_attn", r"block\d+_mlp_down"):
+        lm[rf".*{name}/output"] = act
     return lm
 
 

@@ -34,8 +34,11 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from shardimpl.layout import local_shard_bounds
+from shardimpl.mesh import mesh_coordinate, mesh_ranks
 from shardimpl.reshard import reshard_p2p
 
 __all__ = ["gather_for_compute", "regather_hooks", "relayout", "gathered_placements", "GatherStats", "stats"]
@@ -74,6 +77,16 @@ def _p2p_one_axis(x: DTensor, axis: int, target: Shard) -> DTensor | None:
     return DTensor.from_local(moved, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
 
 
+def _keeps_nesting(current, axis: int, target) -> bool:
+    new = target[axis]
+    if not isinstance(new, Shard):
+        return True
+    for j, p in enumerate(current):
+        if j != axis and isinstance(p, Shard) and p.dim == new.dim and target[j] != p:
+            return False
+    return True
+
+
 def relayout(x: DTensor, placements) -> DTensor:
     """``x`` redistributed to ``placements``, one mesh axis at a time (not differentiable).
 
@@ -101,7 +114,12 @@ def relayout(x: DTensor, placements) -> DTensor:
             return 2
         return 3
 
-    for i in sorted(changes, key=lambda i: (group(i), i)):
+    pending = sorted(changes, key=lambda i: (group(i), i))
+    while pending:
+        # Take the first change that does not put two axes on one dim unless the target does
+        # (such a nesting would be in the wrong order for DTensor, which then gathers it whole).
+        i = next((j for j in pending if _keeps_nesting(x.placements, j, target)), pending[0])
+        pending.remove(i)
         a, b = x.placements[i], target[i]
         if isinstance(a, Shard) and isinstance(b, Shard):
             moved = _p2p_one_axis(x, i, b)
@@ -149,8 +167,50 @@ def _forget(key) -> None:
 
 
 def _gather(param: DTensor, axis: int) -> DTensor:
+    """``param`` replicated along mesh axis ``axis``, nothing else changed (no autograd).
+
+    Split on dim 0: one all-gather (DTensor's). On another dim an all-gather
+    lands the blocks one after another and must be re-stacked (a second
+    gathered-size buffer), so instead each block is broadcast from its owner
+    straight into its slice of the output: besides the output, one block.
+    """
+    mesh = param.device_mesh
+    target = gathered_placements(param.placements, axis)
+    dim = param.placements[axis].dim
     with torch.no_grad():
-        return param.redistribute(param.device_mesh, gathered_placements(param.placements, axis))
+        if dim == 0:
+            return param.redistribute(mesh, target)
+        shape, mesh_shape = tuple(param.shape), tuple(mesh.shape)
+        coord = list(mesh_coordinate(mesh))
+        ranks = mesh_ranks(mesh)  # row-major
+        offsets, sizes = local_shard_bounds(shape, mesh_shape, target, coord)
+        local = param._local_tensor
+        out = torch.empty(sizes, dtype=local.dtype, device=local.device)
+        group = mesh.get_group(axis)
+        for peer in range(mesh.size(axis)):
+            coord[axis] = peer
+            peer_off, peer_size = local_shard_bounds(shape, mesh_shape, param.placements, coord)
+            if peer_size[dim] == 0:
+                continue
+            src = ranks[_flat_index(coord, mesh_shape)]
+            into = out.narrow(dim, peer_off[dim] - offsets[dim], peer_size[dim])
+            if peer == mesh_coordinate(mesh)[axis]:
+                block = local.contiguous()
+                dist.broadcast(block, src=src, group=group)
+                into.copy_(block)
+            else:
+                block = torch.empty(peer_size, dtype=local.dtype, device=local.device)
+                dist.broadcast(block, src=src, group=group)
+                into.copy_(block)
+                del block
+        return DTensor.from_local(out, mesh, target, run_check=False, shape=param.shape, stride=param.stride())
+
+
+def _flat_index(coord, shape) -> int:
+    index = 0
+    for c, n in zip(coord, shape):
+        index = index * int(n) + int(c)
+    return index
 
 
 class _GatherForCompute(torch.autograd.Function):
