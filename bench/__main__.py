@@ -46,6 +46,9 @@ def _parser():
     p.add_argument("--out", default="bench-results", help="output folder (default: bench-results/)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per scenario before its ranks are stopped")
     p.add_argument("--no-step", action="store_true", help="measure the build only, no train step")
+    p.add_argument("--mesh", default="1d",
+                   help="comma-separated meshes for the sharded modes: 1d (the family's 1-D mesh) and/or BxM, "
+                        "a (\"batch\", \"model\") mesh used where B x M is in --ranks (e.g. --mesh 1d,2x2)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -72,6 +75,20 @@ def _validate(args):
         raise SystemExit("--sizes and --ranks need positive numbers, e.g. --sizes 16,64 --ranks 1,2,4")
 
 
+def _meshes(args):
+    from bench.families import parse_mesh
+
+    try:
+        return [parse_mesh(m) for m in getattr(args, "mesh", "1d").split(",") if m]
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _mesh_fits(mesh, n, mode) -> bool:
+    """1-D runs everywhere; a BxM mesh only where B x M = N and the mode shards (stock Keras has none)."""
+    return mesh is None or (mesh[0] * mesh[1] == n and mode in ("sharded", "naive"))
+
+
 def collect_rows(args, budget):
     """Run every (family, size, N, mode) scenario of ``args``; results.json rows."""
     from bench.scenarios import Scenario, rows_for, run_scenario
@@ -79,9 +96,11 @@ def collect_rows(args, budget):
     _validate(args)
     # Every scenario measured without a limit (the scaling), then the largest size again under
     # the per-rank budget (the OOM demonstration: unsharded must fail, sharded N >= 2 must fit).
+    meshes = _meshes(args)
     scenarios = [
-        Scenario(fam, size * MiB, n, mode, device=args.device, step=not args.no_step)
+        Scenario(fam, size * MiB, n, mode, device=args.device, step=not args.no_step, mesh=mesh)
         for fam in args.families for size in args.sizes for n in args.ranks for mode in args.modes
+        for mesh in (meshes if mode != "unsharded" else [None]) if _mesh_fits(mesh, n, mode)
     ]
     if budget:
         scenarios += [
@@ -93,7 +112,8 @@ def collect_rows(args, budget):
         t0 = time.perf_counter()
         if not args.quiet:
             limit = f" under {s.budget_bytes / MiB:.0f} MiB" if s.budget_bytes else ""
-            print(f"[{i}/{len(scenarios)}] {s.family} {s.param_bytes // MiB} MiB N={s.ranks} {s.mode}{limit} ...",
+            on = f" mesh {s.mesh[0]}x{s.mesh[1]}" if s.mesh else ""
+            print(f"[{i}/{len(scenarios)}] {s.family} {s.param_bytes // MiB} MiB N={s.ranks}{on} {s.mode}{limit} ...",
                   end="", flush=True, file=sys.stderr)
         new = rows_for(s, run_scenario(s, timeout=args.timeout))
         rows += new

@@ -41,7 +41,7 @@ from shardimpl.layout import local_shard_bounds
 from shardimpl.mesh import mesh_coordinate, mesh_ranks
 from shardimpl.reshard import reshard_p2p
 
-__all__ = ["gather_for_compute", "regather_hooks", "relayout", "gathered_placements", "GatherStats", "stats"]
+__all__ = ["gather_for_compute", "regather_hooks", "relayout", "gathered_placements", "GatherStats", "stats", "live_gathered"]
 
 
 def gathered_placements(placements, axis: int) -> tuple:
@@ -142,6 +142,13 @@ class GatherStats:
     forward: int = 0
     backward: int = 0
     tokens: int = 0
+    largest_bytes: int = 0  # the largest gathered block (local bytes on this rank) so far
+
+    def reset(self) -> None:
+        self.forward = self.backward = self.tokens = self.largest_bytes = 0
+
+    def _saw(self, t: torch.Tensor) -> None:
+        self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())
 
 
 _REGISTRY: dict = {}  # storage key -> (param, mesh axis, storage offset of the gathered tensor)
@@ -152,6 +159,13 @@ _STATS = GatherStats()
 def stats() -> GatherStats:
     """Process-wide counts of gathers, re-gathers and tokens (tests read them)."""
     return _STATS
+
+
+def live_gathered() -> int:
+    """How many gathered blocks are alive now (0 once the ops that used them returned, when
+    the autograd graph holds tokens for them)."""
+    with _LOCK:
+        return len(_REGISTRY)
 
 
 def _storage_key(t: torch.Tensor):
@@ -219,6 +233,7 @@ class _GatherForCompute(torch.autograd.Function):
         ctx.layout = tuple(param.placements)
         out = _gather(param, axis)
         _STATS.forward += 1
+        _STATS._saw(out._local_tensor)
         return out
 
     @staticmethod
@@ -284,6 +299,7 @@ def _unpack(x):
         return x
     _STATS.backward += 1
     whole = _gather(x.param, x.axis).to_local()
+    _STATS._saw(whole)
     view = whole.as_strided(x.size, x.stride, whole.storage_offset() + x.offset)
     return DTensor.from_local(view, x.param.device_mesh, x.placements, run_check=False,
                               shape=x.shape, stride=x.global_stride)
