@@ -122,7 +122,15 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True, mesh
         # The step's terms (see `step_bound`): gradients + momentum in the variables' layouts,
         # the largest block a layer gathers along the data axis, what a forward keeps for backward.
         "grad_momentum_bytes": 2 * trainable, "gathered_block_bytes": block, "activation_bytes": activations,
+        "host_peak_rss_bytes": _max_rss(),
     }
+
+
+def _max_rss() -> int:
+    """This (planning) process's peak resident set size so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def step_bound(row) -> int | None:

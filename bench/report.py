@@ -38,7 +38,8 @@ def _summary(rows):
     """One line per (family, size, ranks, mode, phase, budget): the worst rank."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["family"], r["param_bytes"], r["ranks"], r["mode"], r["phase"],
+        mode = r["mode"] if r.get("mesh", "1d") == "1d" else f"{r['mode']} {r['mesh']}"  # 2-D beside 1-D
+        groups[(r["family"], r["param_bytes"], r["ranks"], mode, r["phase"],
                 r.get("budget_bytes") or 0)].append(r)
     out = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[5], k[4], k[3], k[2])):

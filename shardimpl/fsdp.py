@@ -183,17 +183,15 @@ def _forget(key) -> None:
 def _gather(param: DTensor, axis: int) -> DTensor:
     """``param`` replicated along mesh axis ``axis``, nothing else changed (no autograd).
 
-    Split on dim 0: one all-gather (DTensor's). On another dim an all-gather
-    lands the blocks one after another and must be re-stacked (a second
-    gathered-size buffer), so instead each block is broadcast from its owner
-    straight into its slice of the output: besides the output, one block.
+    Split evenly on dim 0: one all-gather straight into the output. Otherwise
+    an all-gather would land the blocks one after another and need re-stacking
+    (a second gathered-size buffer), so each block is broadcast from its owner
+    into its slice of the output instead: besides the output, one block.
     """
     mesh = param.device_mesh
     target = gathered_placements(param.placements, axis)
     dim = param.placements[axis].dim
     with torch.no_grad():
-        if dim == 0:
-            return param.redistribute(mesh, target)
         shape, mesh_shape = tuple(param.shape), tuple(mesh.shape)
         coord = list(mesh_coordinate(mesh))
         ranks = mesh_ranks(mesh)  # row-major
@@ -201,6 +199,9 @@ def _gather(param: DTensor, axis: int) -> DTensor:
         local = param._local_tensor
         out = torch.empty(sizes, dtype=local.dtype, device=local.device)
         group = mesh.get_group(axis)
+        if dim == 0 and sizes[0] == local.shape[0] * mesh.size(axis):  # even: one all-gather in place
+            dist.all_gather_single(out, local.contiguous(), group=group)
+            return DTensor.from_local(out, mesh, target, run_check=False, shape=param.shape, stride=param.stride())
         for peer in range(mesh.size(axis)):
             coord[axis] = peer
             peer_off, peer_size = local_shard_bounds(shape, mesh_shape, param.placements, coord)
