@@ -25,6 +25,8 @@ variable always reads as its shard.
 
 from __future__ import annotations
 
+import weakref
+
 from torch.distributed.tensor import DTensor, Shard
 
 from shardimpl.fsdp import gather_for_compute
@@ -37,11 +39,8 @@ def gather_axis(value, distribution) -> int | None:
     """The torch mesh axis ``value`` is gathered along while a layer computes with it, or None."""
     if not isinstance(value, DTensor) or not any(isinstance(p, Shard) for p in value.placements):
         return None
-    from shardimpl.keras.steps import data_axis
-
-    name = data_axis(distribution)
-    names = kept_axes(distribution.device_mesh)
-    if name is None or name not in names:
+    name, names = _data_axis_cached(distribution)
+    if name is None or name not in names or len(value.placements) != len(names):
         return None
     axis = names.index(name)
     placement = value.placements[axis]
@@ -50,6 +49,30 @@ def gather_axis(value, distribution) -> int | None:
     if any(isinstance(p, Shard) and p.dim == placement.dim for i, p in enumerate(value.placements) if i != axis):
         return None  # the dim is split over the data axis and others: tensor parallel over all of them
     return axis
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _data_axis_cached(distribution):
+    """(data axis name, kept mesh axes) of ``distribution``, cached per distribution object
+    (and re-derived if its LayoutMap grows): read for every variable a layer reads."""
+    from shardimpl.keras.steps import data_axis
+
+    layout_map = getattr(distribution, "_layout_map", None)
+    stamp = len(getattr(layout_map, "_layout_map", ())) if layout_map is not None else 0
+    try:
+        cached = _CACHE.get(distribution)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    result = (data_axis(distribution), kept_axes(distribution.device_mesh))
+    try:
+        _CACHE[distribution] = (stamp, result)
+    except TypeError:
+        pass
+    return result
 
 
 def value_for_compute(value, distribution):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from shardimpl.create import distribute_variable
 from shardimpl.keras.active import current_distribution, is_installed
@@ -100,8 +101,8 @@ def _guarded_class(cls):
         distribution = current_distribution() if is_installed() else None
         if distribution is None:
             raise ShardedVariableError(_guard_message(self))
-        value = base_value.fget(self)
-        if value is self._value and in_layer_call() and not in_symbolic_scope():
+        value = base_value.fget(self)  # the shard, or its autocast copy (same layout)
+        if isinstance(value, DTensor) and in_layer_call() and not in_symbolic_scope():
             return value_for_compute(value, distribution)  # gathered along the data axis (FSDP)
         return value
 
