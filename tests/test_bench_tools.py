@@ -31,7 +31,6 @@ def test_transformer_embedding_is_its_largest_variable():
 
 
 def test_layout_maps_shard_every_large_variable():
-    import keras
 
     for family in [f for f in families.FAMILIES if HAS_HUB or f not in families.HUB]:
         mesh = families.model_mesh(family, ["cpu:0"])
