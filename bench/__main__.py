@@ -1,141 +1,154 @@
-"""`python -m bench` (or `shardimpl-bench`): the scaling benchmark.
+"""python -m bench: the scaling benchmark (the main job) and its subcommands.
 
-Builds each model family at each size on N ranks, unsharded (stock Keras) and
-sharded (shardimpl), measures per-rank peaks, prints the table, and writes
-results.json, report.md, scaling_vs_ranks.png and scaling_vs_size.png to --out.
+The main job builds each model family at each size on N CPU ranks (or GPUs), with stock Keras
+and with shardimpl, measures every rank's peak memory for the build and a train step, then
+builds the largest size again under a per-rank budget (stock Keras must run out of memory,
+sharded N >= 2 must fit). It prints a verdict per family and the table, and writes
+report.html, report.md, results.json and two plots to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 import time
 
+from bench import stopping
+from bench.cli import MiB, PROG, Parser, budget_bytes, parse_args
+
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-MiB = 1 << 20
 _START = time.perf_counter()
-DEFAULT_SIZES_MIB = (16, 64, 256)
-DEFAULT_RANKS = (1, 2, 4)
+_STARTED = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+_LOAD_START = list(os.getloadavg())  # the machine's load before this run adds its own
 
 
-def _ints(text):
-    return tuple(int(x) for x in text.split(",") if x)
+# --- the main job ---------------------------------------------------------------------------
+
+_progress = {"done": 0, "total": 0}
 
 
-def _names(text):
-    return tuple(x for x in text.split(",") if x)
+def _step_at(args, size) -> bool:
+    """Whether the scenarios of ``size`` measure a train step: the largest size only, unless
+    --step-every-size (or none with --no-step)."""
+    return not args.no_step and (getattr(args, "step_every_size", False) or size == max(args.sizes))
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", type=_names, default=("mlp", "transformer"),
-                   help="comma-separated: mlp,transformer (default: both)")
-    p.add_argument("--sizes", type=_ints, default=DEFAULT_SIZES_MIB,
-                   help="parameter sizes in MiB (default: 16,64,256)")
-    p.add_argument("--ranks", type=_ints, default=DEFAULT_RANKS, help="world sizes (default: 1,2,4)")
-    p.add_argument("--modes", type=_names, default=("unsharded", "sharded"),
-                   help="comma-separated from unsharded,sharded,naive,keras-native (default: "
-                        "unsharded,sharded; keras-native needs keras-nightly: see `python -m bench peers`)")
-    p.add_argument("--budget", default="auto",
-                   help="per-rank budget in MiB for the build; 'auto' = 3/4 of the largest size "
-                        "(the unsharded largest build cannot fit, sharded N>=2 can); 'none' = no limit")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--out", default="bench-results", help="output folder (default: bench-results/)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per scenario before its ranks are stopped")
-    p.add_argument("--no-step", action="store_true", help="measure the build only, no train step")
-    p.add_argument("--mesh", default="1d",
-                   help="comma-separated meshes for the sharded modes: 1d (the family's 1-D mesh) and/or BxM, "
-                        "a (\"batch\", \"model\") mesh used where B x M is in --ranks (e.g. --mesh 1d,2x2)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return p
+def scenarios_for(args, budget):
+    """Every (family, size, N, mode) without a limit (the scaling), then the largest size again
+    under the budget (the OOM demonstration), ordered so that one world of ranks serves each
+    (N, mode) in turn."""
+    from bench.scenarios import Scenario
+
+    meshes = getattr(args, "mesh", (None,))
+    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size), mesh=mesh)
+           for n in args.ranks for mode in args.modes
+           for mesh in (meshes if mode in ("sharded", "naive") else (None,))  # BxM: where B x M = N
+           if mesh is None or mesh[0] * mesh[1] == n
+           for fam in args.families for size in args.sizes]
+    if budget:
+        out += [Scenario(fam, max(args.sizes) * MiB, n, mode, device=args.device, budget_bytes=budget, step=False)
+                for n in args.ranks for mode in args.modes for fam in args.families]
+    return out
 
 
-def _budget_bytes(text, sizes):
-    if text == "none":
-        return None
-    if text == "auto":
-        return int(0.75 * max(sizes) * MiB)
-    return int(float(text) * MiB)
+def _say(line) -> None:
+    """Progress goes to stderr one whole line per write: rank output cannot split it."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
-def _validate(args):
-    from bench.families import FAMILIES
-    from bench.scenarios import MODES
+def _progress_line(i, total, s, rows, seconds) -> str:
+    from bench.report import MODE_NAMES
 
-    for f in args.families:
-        if f not in FAMILIES:
-            raise SystemExit(f"--families: unknown family {f!r}; choose from {', '.join(FAMILIES)}")
-    for m in args.modes:
-        if m not in MODES:
-            raise SystemExit(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
-    if not args.sizes or min(args.sizes) <= 0 or not args.ranks or min(args.ranks) < 1:
-        raise SystemExit("--sizes and --ranks need positive numbers, e.g. --sizes 16,64 --ranks 1,2,4")
-
-
-def _meshes(args):
-    from bench.families import parse_mesh
-
-    try:
-        return [parse_mesh(m) for m in getattr(args, "mesh", "1d").split(",") if m]
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-
-
-def _mesh_fits(mesh, n, mode) -> bool:
-    """1-D runs everywhere; a BxM mesh only where B x M = N and the mode shards (stock Keras has none)."""
-    return mesh is None or (mesh[0] * mesh[1] == n and mode in ("sharded", "naive"))
+    statuses = {r["status"] for r in rows}
+    status = ("OOM" if "oom" in statuses else "ok" if statuses == {"ok"}
+              else "/".join(sorted(statuses - {"ok"})))
+    limit = f"under {s.budget_bytes / MiB:g} MiB" if s.budget_bytes else ""
+    width = len(str(total))
+    mode = MODE_NAMES.get(s.mode, s.mode) + (f" {s.mesh[0]}x{s.mesh[1]}" if s.mesh else "")
+    return (f"[{i:>{width}}/{total}] {s.family:<11} {s.param_bytes // MiB:>5} MiB  N={s.ranks:<3} "
+            f"{mode:<12} {limit:<16} {status:<7} {seconds:5.1f} s")
 
 
 def collect_rows(args, budget):
-    """Run every (family, size, N, mode) scenario of ``args``; results.json rows."""
-    from bench.scenarios import Scenario, rows_for, run_scenario
+    """Run every scenario of ``args``; (results.json rows, None). Ranks are reused across the
+    scenarios of one (N, mode) (a fresh world for the budgeted ones) unless under torchrun."""
+    from bench.scenarios import measure_rank, rows_for, run_scenario
+    from shardimpl import launch
 
-    _validate(args)
-    # Every scenario measured without a limit (the scaling), then the largest size again under
-    # the per-rank budget (the OOM demonstration: unsharded must fail, sharded N >= 2 must fit).
-    meshes = _meshes(args)
-    scenarios = [
-        Scenario(fam, size * MiB, n, mode, device=args.device, step=not args.no_step, mesh=mesh)
-        for fam in args.families for size in args.sizes for n in args.ranks for mode in args.modes
-        for mesh in (meshes if mode != "unsharded" else [None]) if _mesh_fits(mesh, n, mode)
-    ]
-    if budget:
-        scenarios += [
-            Scenario(fam, max(args.sizes) * MiB, n, mode, device=args.device, budget_bytes=budget, step=False)
-            for fam in args.families for n in args.ranks for mode in args.modes
-        ]
-    rows = []
-    for i, s in enumerate(scenarios, 1):
-        t0 = time.perf_counter()
-        if not args.quiet:
-            limit = f" under {s.budget_bytes / MiB:.0f} MiB" if s.budget_bytes else ""
-            on = f" mesh {s.mesh[0]}x{s.mesh[1]}" if s.mesh else ""
-            print(f"[{i}/{len(scenarios)}] {s.family} {s.param_bytes // MiB} MiB N={s.ranks}{on} {s.mode}{limit} ...",
-                  end="", flush=True, file=sys.stderr)
-        new = rows_for(s, run_scenario(s, timeout=args.timeout))
-        rows += new
-        if not args.quiet:
-            statuses = sorted({r["status"] for r in new})
-            print(f" {'/'.join(statuses)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    scenarios = scenarios_for(args, budget)
+    _progress.update(done=0, total=len(scenarios))
+    if not args.quiet:
+        limit = (f"; then {max(args.sizes)} MiB under a {budget / MiB:g} MiB per-rank budget" if budget else "")
+        _say(f"{PROG}: {len(scenarios)} scenarios on {args.device}: {','.join(args.families)} x "
+             f"{','.join(map(str, args.sizes))} MiB x N = {','.join(map(str, args.ranks))} x "
+             f"{','.join(args.modes)}{limit} -> {args.out}/")
+    torchrun = launch._in_torchrun()
+    if not torchrun:
+        stopping.start_forkserver()
+    rows, world, world_key = [], None, None
+    try:
+        for i, s in enumerate(scenarios, 1):
+            t0 = time.perf_counter()
+            if torchrun:
+                launched = run_scenario(s, timeout=args.timeout)
+            else:
+                key = (s.ranks, s.mode, bool(s.budget_bytes))
+                if world is None or world.closed or key != world_key:
+                    if world is not None:
+                        world.close()
+                    world, world_key = launch.World(s.ranks, device=s.device, timeout=args.timeout), key
+                launched = world.run(measure_rank, s, timeout=args.timeout)
+            new = rows_for(s, launched)
+            rows += new
+            _progress["done"] = i
+            if not args.quiet:
+                _say(_progress_line(i, len(scenarios), s, new, time.perf_counter() - t0))
+                for r in launched:
+                    if r.status not in ("ok", "oom") and r.error:
+                        _say(f"    rank {r.rank} {r.status}: {r.error.strip().splitlines()[-1][:200]}")
+    finally:
+        if world is not None:
+            world.close()
     return rows, None
 
 
+def _wrap(label, text) -> str:
+    import shutil
+    import textwrap
+
+    width = max(60, min(120, shutil.get_terminal_size((100, 20)).columns))
+    return textwrap.fill(text, width=width, initial_indent=f"{label}: ",
+                         subsequent_indent=" " * (len(label) + 2))
+
+
 def write_all(args, rows, budget, extra=None) -> int:
-    """results.json, report.md, the plots and the table; exit status 1 if a rank errored."""
-    from bench import report
+    """results.json, the plots, report.md, report.html; the table and the verdicts on stdout.
+    Exit status 1 if a rank errored or timed out."""
+    from bench import html_report, report
 
     os.makedirs(args.out, exist_ok=True)
-    meta = report.meta(device=args.device, budget_bytes=budget,
-                       extra={"wall_seconds": time.perf_counter() - _START, "command": " ".join(sys.argv),
-                              **(extra or {})})
     plots = report.plot_scaling(rows, args.out, budget)
-    report.write_results(os.path.join(args.out, "results.json"), meta, rows)
-    report.write_report(os.path.join(args.out, "report.md"), meta, rows, plots)
+    meta = report.meta(device=args.device, budget_bytes=budget, extra={
+        "command": " ".join([PROG] + [shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])]),
+        "started": _STARTED, "load_average_start": _LOAD_START, "load_average": list(os.getloadavg()),
+        "wall_seconds": time.perf_counter() - _START, **(extra or {})})
+    path = os.path.join
+    report.write_results(path(args.out, "results.json"), meta, rows)
+    report.write_report(path(args.out, "report.md"), meta, rows, plots)
+    html_report.write_html(path(args.out, "report.html"), meta, rows, plots)
     print(report.table(rows))
-    print(f"\nwrote {args.out}/results.json, report.md, " + ", ".join(os.path.basename(p) for p in plots))
+    print()
+    for fam, text in report.verdicts(report.summarize(rows), budget).items():
+        print(_wrap(fam, text))
+    print(f"\nwrote {path(args.out, 'report.html')} (open it in a browser), report.md, results.json, "
+          + ", ".join(os.path.basename(p) for p in plots))
+    print(f"wall time {time.perf_counter() - _START:.0f} s (1-minute load average {_LOAD_START[0]:.2f} "
+          f"at the start, {os.getloadavg()[0]:.2f} now; {os.cpu_count()} CPUs)")
     bad = [r for r in rows if r["status"] in ("error", "timeout")]
     if bad:
         print(f"{len(bad)} rank rows failed (error/timeout); see results.json", file=sys.stderr)
@@ -150,14 +163,17 @@ def _torchrun_rank():
     return int(os.environ.get("RANK", "0"))
 
 
-def run_main(args) -> int:
-    budget = _budget_bytes(args.budget, args.sizes)
+def run_main(argv) -> int:
+    from bench import cli
+
+    args = parse_args(argv, parser=cli.make_parser(description=__doc__))
+    args.argv = list(argv)
+    budget = budget_bytes(args.budget, args.sizes)
     rank = _torchrun_rank()
     if rank is not None:
-        world = int(os.environ["WORLD_SIZE"])
-        if tuple(args.ranks) != (world,):
-            args.ranks = (world,)  # under torchrun the world is torchrun's: every scenario uses it
+        args.ranks = (int(os.environ["WORLD_SIZE"]),)  # under torchrun the world is torchrun's
         args.quiet = args.quiet or rank != 0
+    _prepare_process()
     rows, _ = collect_rows(args, budget)
     if rank is None:
         return write_all(args, rows, budget)
@@ -165,6 +181,16 @@ def run_main(args) -> int:
         any(r["status"] in ("error", "timeout") for r in rows))
     _leave_torchrun_world()
     return status
+
+
+def _prepare_process() -> None:
+    """After parsing (torch is imported here, not before): freed memory leaves the process,
+    and torch's "CPU process group does not support alltoall yet" notice stays quiet in the
+    ranks (TORCH_LOGS set by the user wins)."""
+    os.environ.setdefault("TORCH_LOGS", "-dtensor")
+    from shardimpl.memory import prefer_mmap
+
+    prefer_mmap()  # under torchrun this process runs many scenarios: freed memory must leave
 
 
 def _leave_torchrun_world() -> None:
@@ -181,10 +207,12 @@ def gate_main(argv) -> int:
     """`python -m bench gate [--device cuda]`: the memory regression gate; exit 1 on a violation."""
     from bench import gate
 
-    p = argparse.ArgumentParser(prog="python -m bench gate", description=gate.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=f"{PROG} gate", description=gate.__doc__,
+               epilog=f"example:\n  {PROG} gate\n  {PROG} gate --device cuda   # on a GPU node",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = p.parse_args(argv)
+    _prepare_process()
     violations, runs = gate.run_gate(device=args.device)
     print(gate.report(runs))
     for v in violations:
@@ -195,21 +223,24 @@ def gate_main(argv) -> int:
 
 def peers_main(argv) -> int:
     """`python -m bench peers [options]`: unsharded, naive, keras-native and sharded in one report."""
-    from bench import peers
+    from bench import cli, peers
     from bench.scenarios import Scenario
 
-    p = _parser()
-    p.prog = "python -m bench peers"
+    p = cli.make_parser(f"{PROG} peers")
+    p.description = peers.__doc__
+    p.epilog = (f"example:\n  {PROG} peers --families mlp --sizes 16,64 --ranks 1,2\n"
+                "(creates or reuses the keras-nightly virtualenv --venv for the keras-native rows)")
     p.add_argument("--venv", default=os.environ.get("SHARDIMPL_NIGHTLY_VENV", ".venv-nightly"),
                    help="the keras-nightly virtualenv to create or reuse (default: .venv-nightly)")
-    p.set_defaults(modes=("unsharded", "naive", "sharded"), out="bench-results/peers")
-    args = p.parse_args(argv)
-    local_modes = tuple(m for m in args.modes if m != "keras-native")
-    args.modes = local_modes
-    budget = _budget_bytes(args.budget, args.sizes)
-    rows, status = collect_rows(args, budget)
+    args = parse_args(argv, parser=p, out_default=os.path.join("bench-results", "peers"),
+                      modes_default=("unsharded", "naive", "sharded"), native_here=False)
+    args.argv = ["peers"] + list(argv)
+    args.modes = tuple(m for m in args.modes if m != "keras-native")
+    budget = budget_bytes(args.budget, args.sizes)
+    _prepare_process()
+    rows, _ = collect_rows(args, budget)
     scenarios = [Scenario(f, s * MiB, n, "keras-native", device=args.device, budget_bytes=budget,
-                          step=not args.no_step)
+                          step=_step_at(args, s))
                  for f in args.families for s in args.sizes for n in args.ranks]
     native_rows, native_meta = peers.run_keras_native(args, scenarios, args.venv)
     rows += native_rows
@@ -219,16 +250,25 @@ def peers_main(argv) -> int:
     return write_all(args, rows, budget, extra)
 
 
-def main(argv=None) -> int:
-    from shardimpl.budgets import prefer_mmap
+def _check_plan_json(argv) -> None:
+    """`plan --json PATH`: its folder is created and test-written before planning, not after."""
+    from bench import cli
 
-    prefer_mmap()  # under torchrun this process runs many scenarios: freed memory must leave
-    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--json" and i + 1 < len(argv) else a[7:] if a.startswith("--json=") else None
+        if path:
+            problem = cli.check_out(os.path.dirname(path) or ".", "--json", "--json bench-results/plan.json")
+            if problem:
+                cli.Parser(prog=f"{PROG} plan").error(problem)
+
+
+def _dispatch(argv) -> int:
     if argv and argv[0] == "gate":
         return gate_main(argv[1:])
     if argv and argv[0] == "plan":
         from bench import plan
 
+        _check_plan_json(argv[1:])
         return plan.main(argv[1:])
     if argv and argv[0] == "peers":
         return peers_main(argv[1:])
@@ -238,7 +278,23 @@ def main(argv=None) -> int:
         return compare.main(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
-    return run_main(_parser().parse_args(argv))
+    return run_main(argv)
+
+
+def main(argv=None) -> int:
+    """The command line. SIGINT exits 130 and SIGTERM 143, with one line and no process left."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stopping.install_signal_handlers()
+    try:
+        return _dispatch(argv)
+    except stopping.Stopped as stop:
+        signum = stop.signum
+    except KeyboardInterrupt:  # a SIGINT that came before the handler was installed
+        signum = signal.SIGINT
+    done = f" after {_progress['done']} of {_progress['total']} scenarios" if _progress["total"] else ""
+    stopping.exit_stopped(signum, f"{PROG}: stopped by {{signal}}{done} "
+                                  f"({time.perf_counter() - _START:.1f} s); no report written")
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ def run_keras_native(args, scenarios, venv: str, *, log=sys.stderr):
            "--device", args.device, "--timeout", str(args.timeout), "--out", out]
     if args.no_step:
         cmd.append("--no-step")
+    if getattr(args, "step_every_size", False):
+        cmd.append("--step-every-size")
     print("peers: keras-native in " + venv, file=log, flush=True)
     env = {**os.environ, "KERAS_BACKEND": "torch"}
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,

@@ -1,4 +1,15 @@
-"""Results as data: results.json, a Markdown report, the table on stdout, and two plots."""
+"""Results as data and as something a person reads in ten seconds.
+
+* `summarize`: one line per scenario (family, size, N, mode, budget) from the per-rank,
+  per-phase rows of results.json: the worst rank's figures, build and train step side by side.
+* `verdicts`: per family, one headline sentence (sharded vs P/N, stock Keras per rank, who fits
+  under the budget).
+* `table` (aligned text for the terminal), `markdown_table`, `write_results`, `write_report`;
+  `bench.html` writes the same report as one self-contained HTML file, `bench.plots` the plots.
+
+Optional per-row fields (``host_peak_bytes``, ``step_seconds``, ``steps_per_second``) get a
+column when some row has them and no column when none does.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +18,37 @@ import os
 import platform
 from collections import defaultdict
 
-__all__ = ["meta", "table", "write_results", "write_report", "plot_scaling"]
+__all__ = ["meta", "summarize", "verdicts", "columns", "table", "markdown_table", "write_results",
+           "write_report", "plot_scaling", "DEFINITIONS", "MODE_NAMES"]
 
 MiB = float(1 << 20)
 
+# What each mode is called where a person reads it.
+MODE_NAMES = {"unsharded": "stock Keras", "sharded": "sharded", "naive": "naive",
+              "keras-native": "keras-native"}
+_MODE_ORDER = ("unsharded", "naive", "keras-native", "sharded")
+
+DEFINITIONS = (
+    "P = the model's parameter bytes (float32). Per-rank peak = the worst rank's peak of live bytes "
+    "while building the model (build) or during one train step (step): PeakMeter counts tensor "
+    "storage at the allocator (CPU) or reads the CUDA allocator's peak. x P/N = that peak over the "
+    "ideal share P/N (build) or 2P/N (step: gradients + momentum). Scenarios with a budget built "
+    "the largest model again under that per-rank allocation limit; OOM = the allocator refused. "
+    "Sharded builds carry a fixed extra of about 1 MiB per rank (one initializer tile), which is why "
+    "the smallest models sit visibly above P/N. A '-' in the step columns: no step was measured there "
+    "(the main job steps at its largest size only, unless --step-every-size)."
+)
+
+# Optional per-row fields: (field, column label, formatter kind, worst-rank reduction).
+_OPTIONAL = (
+    ("host_peak_bytes", "host MiB", "mib", max),
+    ("step_seconds", "step s", "seconds", max),
+    ("steps_per_second", "steps/s", "rate", min),
+)
+
 
 def meta(*, device: str, budget_bytes, extra=None) -> dict:
+    """Versions, device, machine and budget (imports torch and keras: call after parsing)."""
     import keras
     import numpy
     import psutil
@@ -22,7 +58,8 @@ def meta(*, device: str, budget_bytes, extra=None) -> dict:
         "torch": torch.__version__, "keras": keras.__version__, "numpy": numpy.__version__,
         "python": platform.python_version(), "device": device,
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total},
+                    "cpu_model": _cpu_model(), "cpus": os.cpu_count(),
+                    "memory_bytes": psutil.virtual_memory().total},
         "budget_bytes": budget_bytes,
     }
     if device == "cuda" and torch.cuda.is_available():
@@ -30,51 +67,248 @@ def meta(*, device: str, budget_bytes, extra=None) -> dict:
     return {**info, **(extra or {})}
 
 
-def _mib(x):
-    return "-" if x is None else f"{x / MiB:.1f}"
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
-def _summary(rows):
-    """One line per (family, size, ranks, mode, phase, budget): the worst rank."""
+# --- one line per scenario ---------------------------------------------------------------
+
+
+def _worst(values, reduce=max):
+    values = [v for v in values if v is not None]
+    return reduce(values) if values else None
+
+
+def _status(rs):
+    if any(r.get("oom") for r in rs):
+        return "OOM"
+    bad = [r["status"] for r in rs if r["status"] != "ok"]
+    return bad[0] if bad else "ok"
+
+
+def summarize(rows) -> list[dict]:
+    """One dict per scenario, sorted for reading: family, size, unbudgeted before budgeted,
+    mode, N. Peaks are the worst rank's, and only for scenarios whose every rank finished."""
     groups = defaultdict(list)
     for r in rows:
         mode = r["mode"] if r.get("mesh", "1d") == "1d" else f"{r['mode']} {r['mesh']}"  # 2-D beside 1-D
-        groups[(r["family"], r["param_bytes"], r["ranks"], mode, r["phase"],
-                r.get("budget_bytes") or 0)].append(r)
+        groups[(r["family"], r["param_bytes"], r["ranks"], mode, r.get("budget_bytes") or 0)].append(r)
+
+    def order(key):
+        mode = key[3]
+        return (key[0], key[1], key[4], _MODE_ORDER.index(mode) if mode in _MODE_ORDER else 99, mode, key[2])
+
     out = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[5], k[4], k[3], k[2])):
+    for key in sorted(groups, key=order):
         rs = groups[key]
-        peaks = [r["peak_bytes"] for r in rs if r["peak_bytes"] is not None]
-        status = "OOM" if any(r["oom"] for r in rs) else ("ok" if all(r["status"] == "ok" for r in rs)
-                                                          else next(r["status"] for r in rs if r["status"] != "ok"))
-        peak = max(peaks) if peaks and status == "ok" else None
-        ideal = rs[0]["ideal_bytes"]
-        init = [r["init_seconds"] for r in rs if r["init_seconds"] is not None]
-        gather = [r["gather_seconds"] for r in rs if r["gather_seconds"] is not None]
-        out.append({
-            "family": key[0], "param_bytes": key[1], "ranks": key[2], "mode": key[3], "phase": key[4],
-            "budget_bytes": key[5] or None, "peak_bytes": peak, "ideal_bytes": ideal, "ratio": None if peak is None else peak / ideal,
-            "status": status, "init_seconds": max(init) if init else None,
-            "gather_seconds": max(gather) if gather else None,
-        })
+        fam, p, n, mode, budget = key
+        status = _status(rs)
+        phases = {ph: [r for r in rs if r.get("phase", "build") == ph] for ph in ("build", "step")}
+        s = {"family": fam, "param_bytes": p, "ranks": n, "mode": mode, "budget_bytes": budget or None,
+             "status": status, "ranks_reported": len({r.get("rank") for r in rs}),
+             "init_seconds": _worst(r.get("init_seconds") for r in rs),
+             "gather_seconds": _worst(r.get("gather_seconds") for r in rs),
+             "errors": sorted({r["error"] for r in rs if r.get("error") and r["status"] != "ok"})}
+        for ph, ideal_factor in (("build", 1), ("step", 2)):
+            prs = phases[ph]
+            complete = prs and status == "ok" and all(r.get("peak_bytes") is not None for r in prs)
+            s[f"{ph}_peak_bytes"] = max(r["peak_bytes"] for r in prs) if complete else None
+            s[f"{ph}_ideal_bytes"] = ideal_factor * p / n if prs else None
+            s[f"{ph}_ratio"] = (s[f"{ph}_peak_bytes"] / s[f"{ph}_ideal_bytes"]
+                                if s[f"{ph}_peak_bytes"] is not None else None)
+            s[f"has_{ph}"] = bool(prs)
+            for field, _, _, reduce in _OPTIONAL:
+                s[f"{ph}_{field}"] = _worst((r.get(field) for r in prs), reduce)
+        out.append(s)
     return out
 
 
+# --- the headline ------------------------------------------------------------------------
+
+
+def _mib_text(x) -> str:
+    v = x / MiB
+    return f"{v:.0f} MiB" if v >= 10 or v == int(v) else f"{v:.1f} MiB"
+
+
+def _ns(ns) -> str:
+    return ", ".join(str(n) for n in sorted(ns))
+
+
+def _fit_clause(name, fits, ooms, failed, all_ns) -> str:
+    """'stock Keras OOMs at every N', 'sharded fits at N >= 2', ... for one mode under the budget."""
+    if ooms and not fits and not failed:
+        return f"{name} OOMs at every N" if len(ooms) > 1 else f"{name} OOMs at N = {_ns(ooms)}"
+    if fits and not ooms and not failed:
+        return f"{name} fits at every N" if len(fits) > 1 else f"{name} fits at N = {_ns(fits)}"
+    parts = []
+    if fits:
+        lo = min(fits)
+        upper = [n for n in all_ns if n >= lo]
+        parts.append(f"fits at N >= {lo}" if sorted(fits) == upper and len(upper) > 1 else f"fits at N = {_ns(fits)}")
+    if ooms:
+        parts.append(f"OOM at N = {_ns(ooms)}")
+    if failed:
+        parts.append(f"failed (error/timeout) at N = {_ns(failed)}")
+    return f"{name} " + ", ".join(parts)
+
+
+def verdicts(summary, budget_bytes=None) -> dict[str, str]:
+    """Per family, one sentence: sharded vs P/N, stock Keras per rank, who fits under the budget.
+
+    e.g. "sharded per-rank build peak = 1.01 x P/N at N = 4 (P = 256 MiB); stock Keras 384 MiB
+    per rank whatever N; under a 192 MiB per-rank budget stock Keras OOMs at every N, sharded
+    fits at N >= 2".
+    """
+    out = {}
+    for fam in sorted({s["family"] for s in summary}):
+        fs = [s for s in summary if s["family"] == fam]
+        free = [s for s in fs if not s["budget_bytes"]]
+        clauses = []
+        sizes = sorted({s["param_bytes"] for s in free if s["build_peak_bytes"] is not None})
+        if sizes:
+            p = sizes[-1]
+            at_p = {(s["mode"], s["ranks"]): s for s in free if s["param_bytes"] == p and s["build_peak_bytes"]}
+            sharded_ns = sorted(n for m, n in at_p if m == "sharded")
+            if sharded_ns:
+                n = sharded_ns[-1]
+                s = at_p[("sharded", n)]
+                clause = (f"sharded per-rank build peak = {s['build_ratio']:.2f} x P/N at N = {n} "
+                          f"(P = {_mib_text(p)}: {_mib_text(s['build_peak_bytes'])} per rank)")
+                if s["step_ratio"] is not None:
+                    clause += f", train step {s['step_ratio']:.2f} x 2P/N"
+                clauses.append(clause)
+            for mode in ("unsharded", "naive", "keras-native"):
+                ns = sorted(n for m, n in at_p if m == mode)
+                if not ns:
+                    continue
+                peaks = [at_p[(mode, n)]["build_peak_bytes"] for n in ns]
+                name = MODE_NAMES[mode]
+                if len(ns) > 1 and max(peaks) <= 1.03 * min(peaks):
+                    clauses.append(f"{name} {_mib_text(max(peaks))} per rank whatever N "
+                                   f"({max(peaks) / p:.2f} x P)")
+                elif len(ns) == 1:
+                    clauses.append(f"{name} {_mib_text(peaks[0])} per rank at N = {ns[0]}")
+                else:
+                    clauses.append(f"{name} " + ", ".join(_mib_text(x).replace(" MiB", "") for x in peaks)
+                                   + f" MiB per rank at N = {_ns(ns)}")
+        budgeted = [s for s in fs if s["budget_bytes"]]
+        if budgeted:
+            b = budgeted[0]["budget_bytes"]
+            all_ns = sorted({s["ranks"] for s in budgeted})
+            parts = []
+            modes = sorted({s["mode"] for s in budgeted},
+                           key=lambda m: _MODE_ORDER.index(m) if m in _MODE_ORDER else 99)
+            for mode in modes:
+                ms = [s for s in budgeted if s["mode"] == mode]
+                fits = [s["ranks"] for s in ms if s["status"] == "ok"]
+                ooms = [s["ranks"] for s in ms if s["status"] == "OOM"]
+                failed = [s["ranks"] for s in ms if s["status"] not in ("ok", "OOM")]
+                parts.append(_fit_clause(MODE_NAMES.get(mode, mode), fits, ooms, failed, all_ns))
+            clauses.append(f"under a {_mib_text(b)} per-rank budget " + ", ".join(parts))
+        failed = [s for s in fs if s["status"] not in ("ok", "OOM")]
+        if failed:
+            clauses.append(f"{len(failed)} scenario(s) failed (error/timeout): see the table")
+        out[fam] = "; ".join(clauses) if clauses else "no scenario finished"
+    return out
+
+
+# --- the table ---------------------------------------------------------------------------
+
+
+def _fmt(kind, x) -> str:
+    if x is None:
+        return "-"
+    if kind == "mib":
+        return f"{x / MiB:.1f}"
+    if kind == "ratio":
+        return f"{x:.2f}"
+    if kind == "seconds":
+        return f"{x:.2f}"
+    if kind == "rate":
+        return f"{x:.1f}"
+    return str(x)
+
+
+def columns(summary):
+    """(header, key, kind) for every column this summary needs; optional ones only when present."""
+    has_step = any(s["has_step"] for s in summary)
+    cols = [("family", "family", "text"), ("P MiB", "param_bytes", "mib"), ("N", "ranks", "text"),
+            ("mode", "mode", "mode"), ("budget MiB", "budget_bytes", "mib"),
+            ("build MiB/rank", "build_peak_bytes", "mib"), ("x P/N", "build_ratio", "ratio")]
+    if has_step:
+        cols += [("step MiB/rank", "step_peak_bytes", "mib"), ("x 2P/N", "step_ratio", "ratio")]
+    for field, label, kind, _ in _OPTIONAL:
+        phases = [ph for ph in ("build", "step") if any(s.get(f"{ph}_{field}") is not None for s in summary)]
+        for ph in phases:
+            cols.append((f"{ph} {label}" if len(phases) > 1 else label, f"{ph}_{field}", kind))
+    cols += [("init s", "init_seconds", "seconds"), ("gather s", "gather_seconds", "seconds"),
+             ("status", "status", "text")]
+    return cols
+
+
+def cells(summary):
+    """(headers, rows of strings, right-aligned flags) for the renderers."""
+    cols = columns(summary)
+    body = []
+    for s in summary:
+        row = []
+        for _, key, kind in cols:
+            if kind == "mode":
+                row.append(MODE_NAMES.get(s[key], s[key]))
+            elif kind == "text":
+                row.append(str(s[key]))
+            else:
+                row.append(_fmt(kind, s[key]))
+        body.append(row)
+    right = [kind not in ("text", "mode") or key == "ranks" for _, key, kind in cols]
+    return [c[0] for c in cols], body, right
+
+
+def _widths(headers, body):
+    return [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+
+
 def table(rows) -> str:
-    """The scaling table: per-rank peak (worst rank), its ratio to the ideal, times, status."""
-    head = ("family", "params MiB", "N", "mode", "phase", "budget MiB", "peak/rank MiB", "ideal MiB",
-            "ratio", "init s", "gather s", "status")
-    lines = [" | ".join(head), " | ".join("---" for _ in head)]
-    for s in _summary(rows):
-        lines.append(" | ".join([
-            s["family"], _mib(s["param_bytes"]), str(s["ranks"]), s["mode"], s["phase"],
-            _mib(s["budget_bytes"]), _mib(s["peak_bytes"]), _mib(s["ideal_bytes"]),
-            "-" if s["ratio"] is None else f"{s['ratio']:.3f}",
-            "-" if s["init_seconds"] is None else f"{s['init_seconds']:.2f}",
-            "-" if s["gather_seconds"] is None else f"{s['gather_seconds']:.2f}",
-            s["status"],
-        ]))
-    return "\n".join(lines)
+    """The scenario table as aligned text, a blank line between (family, size) groups."""
+    summary = summarize(rows)
+    headers, body, right = cells(summary)
+    w = _widths(headers, body)
+
+    def line(vals):
+        return "  ".join(v.rjust(w[i]) if right[i] else v.ljust(w[i]) for i, v in enumerate(vals)).rstrip()
+
+    out = [line(headers), "  ".join("-" * x for x in w)]
+    prev = None
+    for s, vals in zip(summary, body):
+        group = (s["family"], s["param_bytes"], bool(s["budget_bytes"]))
+        if prev is not None and group != prev:
+            out.append("")
+        prev = group
+        out.append(line(vals))
+    return "\n".join(out)
+
+
+def markdown_table(rows) -> str:
+    """The scenario table in Markdown, padded so that it is aligned as plain text too."""
+    headers, body, right = cells(summarize(rows))
+    w = [max(3, x) for x in _widths(headers, body)]  # a delimiter cell needs a dash besides its colon
+
+    def line(vals):
+        return "| " + " | ".join(v.rjust(w[i]) if right[i] else v.ljust(w[i]) for i, v in enumerate(vals)) + " |"
+
+    rule = "| " + " | ".join(("-" * (w[i] - 1) + ":") if right[i] else "-" * w[i] for i in range(len(w))) + " |"
+    return "\n".join([line(headers), rule] + [line(v) for v in body])
+
+
+# --- files -------------------------------------------------------------------------------
 
 
 def write_results(path, meta_: dict, rows) -> None:
@@ -82,120 +316,49 @@ def write_results(path, meta_: dict, rows) -> None:
         json.dump({"meta": meta_, "rows": rows}, f, indent=1, default=str)
 
 
-def write_report(path, meta_: dict, rows, plots=()) -> None:
+def meta_lines(meta_: dict) -> list[tuple[str, str]]:
+    """(label, value) pairs describing the run, for report.md and report.html."""
+    m = meta_.get("machine", {})
     budget = meta_.get("budget_bytes")
-    lines = [
-        "# shardimpl scaling report", "",
-        f"torch {meta_['torch']}, keras {meta_['keras']}, device {meta_['device']}, "
-        f"{meta_['machine']['cpus']} CPUs, per-rank budget "
-        f"{'none' if not budget else _mib(budget) + ' MiB'}.", "",
-        "Per-rank peak = the worst rank's peak of live bytes (PeakMeter: CPU allocator-level "
-        "tracker, or CUDA allocator peak). Ideal = P/N for a build, 2P/N (gradients + momentum) "
-        "for a train step. Rows with a budget ran under that per-rank allocation limit; OOM = the "
-        "allocator refused under it. Plots draw unbudgeted peaks and budgeted OOMs (at y = P).", "",
-        table(rows), "",
-    ]
+    out = [("versions", f"torch {meta_.get('torch')}, keras {meta_.get('keras')}, "
+                        f"numpy {meta_.get('numpy')}, python {meta_.get('python')}"),
+           ("device", str(meta_.get("device")) + (f" ({', '.join(m['gpus'])})" if m.get("gpus") else "")),
+           ("machine", f"{m.get('cpus')} CPUs ({m.get('cpu_model') or m.get('processor')}), "
+                       f"{(m.get('memory_bytes') or 0) / (1 << 30):.1f} GiB, {m.get('platform')}"),
+           ("per-rank budget", "none" if not budget else _mib_text(budget))]
+    if meta_.get("command"):
+        out.append(("command", meta_["command"]))
+    if meta_.get("wall_seconds") is not None:
+        start, end = meta_.get("load_average_start"), meta_.get("load_average")
+        loads = ([f"{start[0]:.2f} at the start"] if start else []) + ([f"{end[0]:.2f} at the end"] if end else [])
+        out.append(("wall time", f"{meta_['wall_seconds']:.0f} s"
+                    + (f" (1-minute load average {', '.join(loads)})" if loads else "")))
+    if meta_.get("started"):
+        out.append(("started", meta_["started"]))
+    for key, value in meta_.items():
+        if key == "keras_native" and isinstance(value, dict):
+            out.append(("keras-native", ", ".join(f"{k} {v}" for k, v in value.items() if v)))
+    return out
+
+
+def write_report(path, meta_: dict, rows, plots=()) -> None:
+    """report.md: the verdicts, what the run was, the plots and the aligned table."""
+    summary = summarize(rows)
+    lines = ["# shardimpl scaling report", ""]
+    for fam, text in verdicts(summary, meta_.get("budget_bytes")).items():
+        lines += [f"- **{fam}**: {text}."]
+    lines += [""]
+    lines += [f"- {label}: {value}" for label, value in meta_lines(meta_)]
+    lines += ["", DEFINITIONS, ""]
     for p in plots:
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
+    lines += [markdown_table(rows), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
 
-_STYLE = {"sharded": ("tab:blue", "o"), "unsharded": ("tab:red", "s"),
-          "naive": ("tab:orange", "^"), "keras-native": ("tab:green", "D")}
-# Peers often coincide (naive and keras-native both build each variable whole): dashes keep
-# every line visible where they overlap.
-_LINE = {"naive": (0, (6, 3)), "keras-native": (0, (1, 2))}
-
-
-def _plot_points(summary):
-    """(measured, ooms): per (family, size, N, mode) the build peak measured without a budget
-    (a budgeted run where there is no other), and the keys whose budgeted run ran out of memory."""
-    measured, ooms = {}, set()
-    for s in summary:
-        key = (s["family"], s["param_bytes"], s["ranks"], s["mode"])
-        if s["status"] == "OOM":
-            ooms.add(key)
-        elif s["peak_bytes"] is not None and (key not in measured or not s["budget_bytes"]):
-            measured[key] = s["peak_bytes"]
-    return measured, ooms
-
-
-def _oom_marks(ax, xs, ys, color, alpha, label):
-    if xs:
-        ax.plot(xs, ys, marker="x", color=color, alpha=alpha, markersize=12, mew=3, linestyle="none",
-                label=label)
-
-
 def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
-    """scaling_vs_ranks.png (log-log, with ideal P/N) and scaling_vs_size.png (with the budget)."""
-    import matplotlib
+    """scaling_vs_ranks.png and scaling_vs_size.png (see `bench.plots`)."""
+    from bench import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    measured, ooms = _plot_points([s for s in _summary(rows) if s["phase"] == "build"])
-    keys = set(measured) | ooms
-    families = sorted({k[0] for k in keys})
-    paths = []
-
-    fig, axes = plt.subplots(1, len(families), figsize=(7 * len(families), 6.5), squeeze=False)
-    for ax, fam in zip(axes[0], families):
-        sizes = sorted({k[1] for k in keys if k[0] == fam})
-        all_ranks = sorted({k[2] for k in keys if k[0] == fam})
-        for j, size in enumerate(sizes):
-            alpha = 0.4 + 0.6 * (j + 1) / len(sizes)
-            ranks = sorted({k[2] for k in keys if k[:2] == (fam, size)})
-            ax.plot(ranks, [size / n / MiB for n in ranks], "k--", alpha=alpha, lw=1,
-                    label="ideal P/N" if j == len(sizes) - 1 else None)
-            for mode in sorted({k[3] for k in keys if k[:2] == (fam, size)}):
-                color, marker = _STYLE.get(mode, ("gray", "x"))
-                ok = [(n, measured[(fam, size, n, mode)] / MiB) for n in ranks if (fam, size, n, mode) in measured]
-                if ok:
-                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, linestyle=_LINE.get(mode, "-"),
-                            label=f"{mode} {size / MiB:.0f} MiB")
-                oom = [n for n in ranks if (fam, size, n, mode) in ooms]
-                _oom_marks(ax, oom, [size / MiB] * len(oom), color, alpha,
-                           f"{mode} {size / MiB:.0f} MiB: OOM under budget")
-        _finish_axes(ax, budget_bytes, "ranks N", f"{fam}: per-rank build peak vs N")
-        ax.set_xticks(all_ranks, [str(n) for n in all_ranks])
-    paths.append(_save(fig, out_dir, "scaling_vs_ranks.png"))
-
-    fig, axes = plt.subplots(1, len(families), figsize=(7 * len(families), 6.5), squeeze=False)
-    for ax, fam in zip(axes[0], families):
-        for mode in sorted({k[3] for k in keys if k[0] == fam}):
-            color, marker = _STYLE.get(mode, ("gray", "x"))
-            for j, n in enumerate(sorted({k[2] for k in keys if k[0] == fam and k[3] == mode})):
-                alpha = 1.0 - 0.25 * j
-                sizes = sorted({k[1] for k in keys if k[0] == fam and k[2] == n and k[3] == mode})
-                ok = [(p / MiB, measured[(fam, p, n, mode)] / MiB) for p in sizes if (fam, p, n, mode) in measured]
-                if ok:
-                    ax.plot(*zip(*ok), marker=marker, color=color, alpha=alpha, linestyle=_LINE.get(mode, "-"),
-                            label=f"{mode} N={n}")
-                oom = [p / MiB for p in sizes if (fam, p, n, mode) in ooms]
-                _oom_marks(ax, oom, oom, color, alpha, f"{mode} N={n}: OOM under budget")
-        _finish_axes(ax, budget_bytes, "model parameters (MiB)", f"{fam}: per-rank build peak vs model size")
-    paths.append(_save(fig, out_dir, "scaling_vs_size.png"))
-    return paths
-
-
-def _finish_axes(ax, budget_bytes, xlabel, title):
-    if budget_bytes:
-        ax.axhline(budget_bytes / MiB, color="gray", linestyle=":", label="per-rank budget")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("per-rank build peak (MiB)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-
-
-def _save(fig, out_dir, name) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.plot_scaling(rows, out_dir, budget_bytes)

@@ -1,15 +1,21 @@
-"""The benchmark harness's pure parts: parameter counts, the memory compare, the report."""
+"""The benchmark harness: parameter counts, the memory compare, the main job end to end
+(the report's pure parts: tests/test_report.py; the command line: tests/test_cli.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 
-from bench import compare, families, report
+from bench import compare, families
+
+HAS_HUB = importlib.util.find_spec("keras_hub") is not None
+NEEDS_HUB = pytest.mark.skipif(not HAS_HUB, reason="keras-hub is not installed")
 
 
-@pytest.mark.parametrize("family", families.FAMILIES)
+@pytest.mark.parametrize("family", [f for f in families.FAMILIES if f not in families.HUB]
+                         + [pytest.param(f, marks=NEEDS_HUB) for f in families.HUB])
 @pytest.mark.parametrize("size_mib", [1, 16])
 def test_exact_param_bytes_equals_the_built_model(family, size_mib):
     model = families.build_model(family, size_mib << 20)
@@ -25,10 +31,9 @@ def test_transformer_embedding_is_its_largest_variable():
 
 
 def test_layout_maps_shard_every_large_variable():
-    import keras
 
-    mesh = keras.distribution.DeviceMesh((1,), ["model"], ["cpu:0"])
-    for family in families.FAMILIES:
+    for family in [f for f in families.FAMILIES if HAS_HUB or f not in families.HUB]:
+        mesh = families.model_mesh(family, ["cpu:0"])
         model = families.build_model(family, 4 << 20)
         lm = families.layout_map(family, mesh)
         total = sum(v.value.numel() for v in model.weights)
@@ -54,23 +59,10 @@ def test_compare_memory_flags_growth_beyond_factor_and_missing_benchmarks(tmp_pa
     assert compare.main([base, cur]) == 1
 
 
-def test_table_reports_the_worst_rank_and_oom():
-    rows = []
-    for rank, peak in enumerate([100, 120]):
-        rows.append({"family": "mlp", "param_bytes": 200, "ranks": 2, "rank": rank, "mode": "sharded",
-                     "phase": "build", "peak_bytes": peak, "ideal_bytes": 100.0, "oom": False,
-                     "status": "ok", "init_seconds": 0.5, "gather_seconds": 0.1})
-    rows.append({"family": "mlp", "param_bytes": 200, "ranks": 1, "rank": 0, "mode": "unsharded",
-                 "phase": "build", "peak_bytes": None, "ideal_bytes": 200.0, "oom": True,
-                 "status": "oom", "init_seconds": None, "gather_seconds": None})
-    text = report.table(rows)
-    assert "| 1.200 |" in text  # 120 / 100: the worst rank counts
-    assert "OOM" in text
-
-
 @pytest.mark.distributed
 def test_main_job_writes_results_report_and_both_plots(tmp_path):
     import os
+    import re
     import subprocess
     import sys
 
@@ -78,15 +70,24 @@ def test_main_job_writes_results_report_and_both_plots(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--families", "mlp", "--sizes", "8,32", "--ranks", "1,2",
-         "--budget", "24", "--no-step", "--quiet", "--out", str(out)],
+         "--budget", "24", "--no-step", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "KERAS_BACKEND": "torch"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "peak/rank MiB" in done.stdout
+    assert "build MiB/rank" in done.stdout and "x P/N" in done.stdout
+    assert re.search(r"^mlp: sharded per-rank build peak = 1\.\d\d x P/N at N = 2", done.stdout, re.M)
+    assert "stock Keras OOMs at every N, sharded fits at N = 2, OOM at N = 1" in " ".join(done.stdout.split())
+    # Progress: one whole line per scenario, nothing from the ranks inside it.
+    progress = [ln for ln in done.stderr.splitlines() if ln.startswith("[")]
+    assert len(progress) == 2 * 2 * 2 + 2 * 2, done.stderr
+    assert all(re.fullmatch(r"\[\s*\d+/12\] mlp .* (ok|OOM)\s+\d+\.\d s", ln) for ln in progress), progress
+    assert "alltoall" not in done.stderr
     data = json.loads((out / "results.json").read_text())
-    assert {"torch", "keras", "device", "machine", "budget_bytes"} <= set(data["meta"])
+    assert {"torch", "keras", "device", "machine", "budget_bytes", "wall_seconds", "command"} <= set(data["meta"])
     budgeted = [r for r in data["rows"] if r["budget_bytes"]]
     assert all(r["oom"] for r in budgeted if r["mode"] == "unsharded")  # a 32 MiB stock build > 24 MiB
     assert not any(r["oom"] for r in budgeted if r["mode"] == "sharded" and r["ranks"] == 2)
     for name in ("scaling_vs_ranks.png", "scaling_vs_size.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "scaling_vs_size.png" in (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "stock Keras OOMs at every N" in html

@@ -33,7 +33,7 @@ from shardimpl.keras.active import current_distribution, is_installed
 from shardimpl.keras.context import is_within, layer_call, sharded_reads, step_context
 from shardimpl.mesh import local_device, to_torch_mesh
 
-__all__ = ["wrap_layer_call", "wrap_forward", "wrap_track_variables", "to_plain"]
+__all__ = ["wrap_layer_call", "wrap_embedding_call", "wrap_forward", "wrap_track_variables", "to_plain"]
 
 
 def _plain(x):
