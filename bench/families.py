@@ -175,10 +175,17 @@ def _layout_map_2d(family: str, mesh, param_bytes: int | None):
         return total is None or batch_ranks * kernel_bytes <= total
 
     if family == "mlp":
-        lm[r".*dense_\d*[02468]/kernel"] = ("batch", "model")
-        lm[r".*dense_\d*[02468]/bias"] = ("model",)
-        lm[r".*dense_\d*[13579]/kernel"] = ("model", "batch")
-        lm[r".*dense_\d*[13579]/bias"] = ("batch",)
+        width = dims_for(family, param_bytes)["width"] if param_bytes else None
+        if gathered_fits(width * width * 4 if width else 0):
+            lm[r".*dense_\d*[02468]/kernel"] = ("batch", "model")
+            lm[r".*dense_\d*[02468]/bias"] = ("model",)
+            lm[r".*dense_\d*[13579]/kernel"] = ("model", "batch")
+            lm[r".*dense_\d*[13579]/bias"] = ("batch",)
+        else:  # column- then row-parallel over the whole mesh, as the 1-D map over "model"
+            lm[r".*dense_\d*[02468]/kernel"] = (None, ("batch", "model"))
+            lm[r".*dense_\d*[02468]/bias"] = (("batch", "model"),)
+            lm[r".*dense_\d*[13579]/kernel"] = (("batch", "model"), None)
+            lm[r".*dense_\d*[13579]/bias"] = (None,)
         return lm
     dims = dims_for(family, param_bytes) if param_bytes else None
     d = dims["d_model"] if dims else None

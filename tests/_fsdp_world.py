@@ -60,7 +60,6 @@ def _placements(model):
 
 def _grads(model, family, batch):
     """A direct call and loss.backward() (the bench's step): every gradient, gathered."""
-    import torch
     from torch.distributed.tensor import DTensor
 
     out = model(batch)
@@ -80,7 +79,6 @@ def _grads(model, family, batch):
 def fsdp_run(family):
     """fit and a custom loop on the (2, 2) mesh with the family's 2-D LayoutMap."""
     import keras
-    import torch
 
     import shardimpl.fsdp as fsdp
     from bench.families import build_model, sample_batch
