@@ -43,8 +43,12 @@ def scenarios_for(args, budget):
     (N, mode) in turn."""
     from bench.scenarios import Scenario
 
-    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size))
-           for n in args.ranks for mode in args.modes for fam in args.families for size in args.sizes]
+    meshes = getattr(args, "mesh", (None,))
+    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size), mesh=mesh)
+           for n in args.ranks for mode in args.modes
+           for mesh in (meshes if mode in ("sharded", "naive") else (None,))  # BxM: where B x M = N
+           if mesh is None or mesh[0] * mesh[1] == n
+           for fam in args.families for size in args.sizes]
     if budget:
         out += [Scenario(fam, max(args.sizes) * MiB, n, mode, device=args.device, budget_bytes=budget, step=False)
                 for n in args.ranks for mode in args.modes for fam in args.families]
@@ -65,8 +69,9 @@ def _progress_line(i, total, s, rows, seconds) -> str:
               else "/".join(sorted(statuses - {"ok"})))
     limit = f"under {s.budget_bytes / MiB:g} MiB" if s.budget_bytes else ""
     width = len(str(total))
+    mode = MODE_NAMES.get(s.mode, s.mode) + (f" {s.mesh[0]}x{s.mesh[1]}" if s.mesh else "")
     return (f"[{i:>{width}}/{total}] {s.family:<11} {s.param_bytes // MiB:>5} MiB  N={s.ranks:<3} "
-            f"{MODE_NAMES.get(s.mode, s.mode):<12} {limit:<16} {status:<7} {seconds:5.1f} s")
+            f"{mode:<12} {limit:<16} {status:<7} {seconds:5.1f} s")
 
 
 def collect_rows(args, budget):

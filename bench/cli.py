@@ -140,7 +140,20 @@ def make_parser(prog=PROG, description=None):
                    help=f"smoke run: sizes {','.join(map(str, QUICK_SIZES_MIB))} MiB, N = "
                         f"{','.join(map(str, QUICK_RANKS))}, build only; options given explicitly still apply")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--mesh", type=_meshes, default=(None,), metavar="LIST",
+                   help="meshes for the sharded modes: 1d (the family's own) and/or BxM, a (\"batch\", "
+                        "\"model\") mesh of B x M ranks run where B x M is in --ranks (default: 1d; "
+                        "e.g. --mesh 1d,2x2)")
     return p
+
+
+def _meshes(text):
+    from bench.families import parse_mesh
+
+    try:
+        return tuple(parse_mesh(m) for m in text.split(",") if m) or (None,)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _has_keras_hub() -> bool:

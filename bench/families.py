@@ -7,8 +7,12 @@
   about 128 wide in large models) and a 4x MLP.
 
 `param_bytes` is exact (counted from the built model's shapes); the knob only
-picks the dimensions. The LayoutMaps shard every large variable over the
-"model" axis and leave norms replicated.
+picks the dimensions. On a 1-D ("model",) mesh the LayoutMaps shard every
+large variable over "model" and leave norms replicated. On a 2-D
+("batch", "model") mesh (`parse_mesh`, ``--mesh BxM``) every large variable is
+sharded over both axes (`layout_map` says how): "batch" splits batches and,
+for weights, is gathered while their layer runs (FSDP) or shares a dim with
+"model" (tensor parallel over the whole mesh).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 __all__ = ["FAMILIES", "HUB", "build_model", "layout_map", "dims_for", "sample_batch", "exact_param_bytes",
-           "model_mesh"]
+           "model_mesh", "parse_mesh", "mesh_label"]
 
 FAMILIES = ("mlp", "transformer", "gemma", "llama")
 HUB = ("gemma", "llama")  # keras-hub backbones (bench.hub_families); need keras-hub installed
@@ -95,12 +99,14 @@ def build_model(family: str, param_bytes: int):
 
 
 def layout_map(family: str, mesh, param_bytes: int | None = None):
-    """A LayoutMap that shards every large variable of ``family`` over the "model" axis.
+    """A LayoutMap that shards every large variable of ``family`` over ``mesh``.
 
-    Attention kernels are split by heads when the heads divide evenly over the
-    "model" axis (each rank then computes whole heads, and their gradients stay
-    sharded); otherwise (heads run out before ranks: 256 heads on 1024 ranks, or
-    ``param_bytes`` unknown) by model width.
+    1-D ("model",) mesh, or a 2-D mesh whose "batch" axis has size 1: every
+    large variable over "model". Attention kernels are split by heads when the
+    heads divide evenly over the "model" axis (each rank then computes whole
+    heads, and their gradients stay sharded); otherwise (heads run out before
+    ranks: 256 heads on 1024 ranks, or ``param_bytes`` unknown) by model width.
+    A ("batch", "model") mesh with "batch" > 1: `_layout_map_2d`.
     """
     import keras
 
@@ -108,6 +114,8 @@ def layout_map(family: str, mesh, param_bytes: int | None = None):
         from bench.hub_families import hub_layout_map
 
         return hub_layout_map(family, mesh)
+    if _batch_ranks(mesh) > 1:
+        return _layout_map_2d(family, mesh, param_bytes)
     lm = keras.distribution.LayoutMap(mesh)
     if family == "mlp":
         # Column- then row-parallel, alternating (Megatron's pairing): a column-split layer's
@@ -136,6 +144,80 @@ def layout_map(family: str, mesh, param_bytes: int | None = None):
     return lm
 
 
+def _batch_ranks(mesh) -> int:
+    names = list(mesh.axis_names)
+    return int(mesh.shape[names.index("batch")]) if "batch" in names else 1
+
+
+def _layout_map_2d(family: str, mesh, param_bytes: int | None):
+    """Every large variable over both axes of a ("batch", "model") mesh, B x M ranks.
+
+    Each kernel keeps its 1-D tensor-parallel split on "model" and adds "batch":
+    * on another dim (FSDP x TP): while its layer runs the kernel is gathered
+      along "batch" only (`shardimpl.keras.fsdp`), a block of |W| / M, and the
+      batch stays split along "batch";
+    * on the same dim as "model" (TP over the whole mesh): never gathered;
+      activations move instead. Used for the MLP kernels when their block
+      gathered along "batch" would exceed a rank's share of the model
+      (|W| / M > P / N, i.e. B x |W| > P: the 2-block family at 70B on 128 x 8);
+      FSDP's premise, a layer small against the model, does not hold there.
+    The token embedding is split by vocabulary along "batch" (a lookup moves ids,
+    never the table) and by width along "model". Norms stay replicated.
+    """
+    import keras
+
+    lm = keras.distribution.LayoutMap(mesh)
+    batch_ranks = _batch_ranks(mesh)
+    model_ranks = mesh.shape[list(mesh.axis_names).index("model")]
+    total = exact_param_bytes(family, param_bytes) if param_bytes else None
+
+    def gathered_fits(kernel_bytes):  # FSDP: the block gathered along "batch" within P / N
+        return total is None or batch_ranks * kernel_bytes <= total
+
+    if family == "mlp":
+        width = dims_for(family, param_bytes)["width"] if param_bytes else None
+        if gathered_fits(width * width * 4 if width else 0):
+            lm[r".*dense_\d*[02468]/kernel"] = ("batch", "model")
+            lm[r".*dense_\d*[02468]/bias"] = ("model",)
+            lm[r".*dense_\d*[13579]/kernel"] = ("model", "batch")
+            lm[r".*dense_\d*[13579]/bias"] = ("batch",)
+        else:  # column- then row-parallel over the whole mesh, as the 1-D map over "model"
+            lm[r".*dense_\d*[02468]/kernel"] = (None, ("batch", "model"))
+            lm[r".*dense_\d*[02468]/bias"] = (("batch", "model"),)
+            lm[r".*dense_\d*[13579]/kernel"] = (("batch", "model"), None)
+            lm[r".*dense_\d*[13579]/bias"] = (None,)
+        return lm
+    dims = dims_for(family, param_bytes) if param_bytes else None
+    d = dims["d_model"] if dims else None
+    heads = dims["heads"] if dims else None
+    lm[r".*token_embedding/embeddings"] = ("batch", "model")
+    if heads and heads % model_ranks == 0:
+        lm[r".*attn/(query|key|value)/kernel"] = ("batch", "model", None)
+        lm[r".*attn/(query|key|value)/bias"] = ("model", None)
+        lm[r".*attn/attention_output/kernel"] = ("model", None, "batch")
+        lm[r".*attn/attention_output/bias"] = ("batch",)
+    else:
+        lm[r".*attn/(query|key|value)/kernel"] = (("batch", "model"), None, None)
+        lm[r".*attn/attention_output/kernel"] = (None, None, ("batch", "model"))
+    if gathered_fits(4 * d * d * 4 if d else 0):
+        lm[r".*mlp_up/kernel"] = ("batch", "model")
+        lm[r".*mlp_up/bias"] = ("model",)
+        lm[r".*mlp_down/kernel"] = ("model", "batch")
+        lm[r".*mlp_down/bias"] = ("batch",)
+    else:
+        lm[r".*mlp_up/kernel"] = (None, ("batch", "model"))
+        lm[r".*mlp_up/bias"] = (("batch", "model"),)
+        lm[r".*mlp_down/kernel"] = (("batch", "model"), None)
+    # Activations between layers: whole along "model" (what every layer above consumes) and
+    # split along "batch" when the batch divides evenly (DTensor cannot reshape an uneven
+    # split: 8 sequences over 128 ranks stay whole). Without these DTensor may drift (tokens
+    # split along "model") into layouts where a kernel's gradient comes out whole.
+    act = ("batch", None, None) if BATCH % batch_ranks == 0 else (None, None, None)
+    for name in ("token_embedding", r"block\d+_ln\d", r"block\d+_attn", r"block\d+_mlp_down"):
+        lm[rf".*{name}/output"] = act
+    return lm
+
+
 def sample_batch(family: str, param_bytes: int, seed: int = 0):
     """A fixed input batch for a train step (the same on every rank)."""
     import torch
@@ -151,11 +233,42 @@ def sample_batch(family: str, param_bytes: int, seed: int = 0):
     return torch.randint(0, dims["vocab"], (BATCH, SEQ), generator=g, dtype=torch.int32)
 
 
-def model_mesh(family: str, devices):
+def parse_mesh(text, ranks: int | None = None) -> tuple[int, int] | None:
+    """'BxM' -> (B, M) (B batch ranks, M model ranks); None or '' -> None (the family's 1-D mesh).
+
+    With ``ranks``, B x M must equal it; a single number or '1xN' is still a 2-D mesh.
+    """
+    if text in (None, "", "1d"):
+        return None
+    if isinstance(text, (tuple, list)):
+        b, m = (int(x) for x in text)
+    else:
+        parts = str(text).lower().replace("*", "x").split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"--mesh: a mesh is BxM (batch ranks x model ranks), e.g. 128x8. Received: {text!r}.")
+        b, m = int(parts[0]), int(parts[1])
+    if b < 1 or m < 1:
+        raise ValueError(f"--mesh: both sizes must be positive. Received: {text!r}.")
+    if ranks is not None and b * m != ranks:
+        raise ValueError(f"--mesh {b}x{m} has {b * m} ranks but the world has {ranks}. "
+                         "Choose B x M equal to the number of ranks.")
+    return b, m
+
+
+def mesh_label(mesh_shape, ranks: int) -> str:
+    """How rows name a mesh: '1d' for the family's 1-D mesh, else 'BxM'."""
+    return "1d" if mesh_shape is None else f"{mesh_shape[0]}x{mesh_shape[1]}"
+
+
+def model_mesh(family: str, devices, mesh_shape=None):
     """The mesh a family is sharded on: ("model",) over ``devices``, or for keras-hub
-    families (whose layout maps name both axes) (1, N) ("batch", "model")."""
+    families (whose layout maps name both axes) (1, N) ("batch", "model"); with
+    ``mesh_shape`` (B, M), a B x M ("batch", "model") mesh."""
     import keras
 
+    if mesh_shape is not None:
+        b, m = parse_mesh(mesh_shape, len(devices))
+        return keras.distribution.DeviceMesh((b, m), ["batch", "model"], devices)
     if family in HUB:
         return keras.distribution.DeviceMesh((1, len(devices)), ["batch", "model"], devices)
     return keras.distribution.DeviceMesh((len(devices),), ["model"], devices)

@@ -43,7 +43,8 @@ def _grown(family: str, param_bytes: int, itemsize: int = 4) -> dict:
     per_d2 = 8 + LAYERS * 16 if family == "gemma" else 16 + LAYERS * 15
     target = math.sqrt(elems / per_d2)
     heads = max(4, 2 ** int(math.log2(max(target / 128, 1))))
-    d = max(8 * heads, int(round(target / (8 * heads))) * 8 * heads)
+    step = 2 * heads  # whole heads of an even width (rotary embeddings rotate pairs)
+    d = max(4 * step, int(round(target / step)) * step)
     config = dict(vocabulary_size=8 * d, num_layers=LAYERS, num_query_heads=heads, hidden_dim=d)
     if family == "gemma":
         return {**config, "num_key_value_heads": heads, "intermediate_dim": 8 * d, "head_dim": d // heads}

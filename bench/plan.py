@@ -1,6 +1,6 @@
 """Plan before booking a cluster: per-rank memory of a model far larger than this machine.
 
-`python -m bench plan --family transformer --params 70B --ranks 8,64,1024`
+`python -m bench plan --family transformer --params 70B --ranks 8,64,1024 --mesh 1d,2x4,8x8,128x8`
 runs shardimpl's real creation code (the Keras hook, layouts, shard-local
 initializers) and a real train step (forward, backward, SGD with momentum on
 DTensors) as rank 0 of an N-rank world, under `FakeTensorMode` with torch's
@@ -65,59 +65,118 @@ def _strided_shard_bounds_outside_fake_mode() -> None:
     _StridedShard.local_shard_size_and_offset = bounds
 
 
-def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True) -> dict:
-    """Rank 0 of a fake ``ranks``-rank world: build (and step) the model; peaks of live bytes."""
+def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True, mesh=None) -> dict:
+    """Rank 0 of a fake ``ranks``-rank world: build (and step) the model; peaks of live bytes.
+
+    ``mesh``: None (the family's 1-D mesh) or (B, M) / 'BxM' for a ("batch", "model") mesh.
+    """
     import keras
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import shardimpl
-    from bench.families import build_model, exact_param_bytes, layout_map, model_mesh, sample_batch
+    from bench.families import (build_model, exact_param_bytes, layout_map, mesh_label, model_mesh, parse_mesh,
+                                sample_batch)
     from bench.scenarios import _train_step
+    from shardimpl.fsdp import stats as fsdp_stats
     from shardimpl.mesh import to_torch_mesh
     from shardimpl.meters import PeakMeter
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
     _strided_shard_bounds_outside_fake_mode()
     shardimpl.install()
-    mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)])
-    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, param_bytes)))
-    to_torch_mesh(mesh)  # mesh and seed agreement outside the fake mode (they read real values)
+    mesh_shape = parse_mesh(mesh, ranks)
+    keras_mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)], mesh_shape)
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(
+        layout_map=layout_map(family, keras_mesh, param_bytes)))
+    to_torch_mesh(keras_mesh)  # mesh and seed agreement outside the fake mode (they read real values)
     start = time.perf_counter()
     step_peak = None
     with FakeTensorMode(allow_non_fake_inputs=True):
         with PeakMeter("cpu") as build:
             model = build_model(family, param_bytes)
         local = sum(v.value.to_local().numel() * v.value.element_size() for v in model.weights)
-        step_error = None
+        trainable = sum(v.value.to_local().numel() * v.value.element_size() for v in model.trainable_weights)
+        step_error = activations = None
+        block = 0
         if step:
             batch = sample_batch(family, param_bytes)
             try:
                 _train_step(model, batch, "cpu")  # creates the momentum slots, as in the real harness
+                fsdp_stats().reset()
                 with PeakMeter("cpu") as meter:
                     _train_step(model, batch, "cpu")
                 step_peak = meter.result().device_peak_bytes
+                block = fsdp_stats().largest_bytes
+                activations = _forward_kept_bytes(model, batch)
             except Exception as exc:  # a layout DTensor cannot run at this N is a result, not a crash
                 step_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
     return {
         "family": family if not isinstance(param_bytes, str) else f"{family} ({param_bytes})",
         "param_bytes": exact_param_bytes(family, param_bytes), "ranks": ranks,
+        "mesh": mesh_label(mesh_shape, ranks),
         "build_peak_bytes": build.result().device_peak_bytes, "step_peak_bytes": step_peak,
         "local_param_bytes": local, "ideal_bytes": exact_param_bytes(family, param_bytes) / ranks,
         "seconds": time.perf_counter() - start, "step_error": step_error,
+        # The step's terms (see `step_bound`): gradients + momentum in the variables' layouts,
+        # the largest block a layer gathers along the data axis, what a forward keeps for backward.
+        "grad_momentum_bytes": 2 * trainable, "gathered_block_bytes": block, "activation_bytes": activations,
+        "host_peak_rss_bytes": _max_rss(),
     }
 
 
-def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=None) -> list[dict]:
+def _max_rss() -> int:
+    """This (planning) process's peak resident set size so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def step_bound(row) -> int | None:
+    """The derived per-rank step bound: 2 x trainable shard (gradients + momentum, kept in the
+    variables' layouts) + 2 x the largest gathered block (the weight gathered again in backward
+    and its gradient before the reduce-scatter) + the activations a forward keeps."""
+    if row.get("activation_bytes") is None:
+        return None
+    return row["grad_momentum_bytes"] + 2 * row["gathered_block_bytes"] + row["activation_bytes"]
+
+
+def _forward_kept_bytes(model, batch) -> int:
+    """Bytes a forward leaves alive for its backward (activations; gathered weights are tokens)."""
+    from bench.scenarios import _to_device
+    from shardimpl.meters import PeakMeter
+
+    with PeakMeter("cpu") as meter:
+        out = model(_to_device(batch, "cpu"))
+        loss = (out.float() ** 2).mean()
+    kept = meter.result().live_bytes_end
+    del out, loss
+    return kept
+
+
+def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=None, mesh=None) -> list[dict]:
+    """One row per world size in ``ranks_list`` (each in a fresh process).
+
+    ``mesh``: None for the family's 1-D mesh, or (B, M) / 'BxM' for a ("batch", "model") mesh
+    (then ``ranks_list`` may be omitted or must be [B x M]).
+    """
+    from bench.families import parse_mesh
     from shardimpl.launch import _context
 
+    shape = parse_mesh(mesh)
+    if shape is not None:
+        ranks_list = list(ranks_list or [shape[0] * shape[1]])
+        if ranks_list != [shape[0] * shape[1]]:
+            raise ValueError(f"plan: mesh {shape[0]}x{shape[1]} has {shape[0] * shape[1]} ranks; "
+                             f"received ranks {ranks_list}.")
     rows = []
     for n in ranks_list:
         if log:
-            print(f"plan: {family} N={n} ...", end="", flush=True, file=log)
+            label = f" mesh {shape[0]}x{shape[1]}" if shape else ""
+            print(f"plan: {family} N={n}{label} ...", end="", flush=True, file=log)
         with ProcessPoolExecutor(1, mp_context=_context(), max_tasks_per_child=1) as pool:
-            row = pool.submit(plan_rank, family, param_bytes, n, step).result()
+            row = pool.submit(plan_rank, family, param_bytes, n, step, shape).result()
         rows.append(row)
         if log:
             print(f" {row['seconds']:.1f} s", file=log)
@@ -136,14 +195,41 @@ def _count(n: int) -> str:
 
 
 def table(rows) -> str:
-    lines = ["family | params | N | build peak/rank MiB | step peak/rank MiB | ideal P/N MiB | build/ideal",
-             "--- | --- | --- | --- | --- | --- | ---"]
+    """The plan as Markdown: one row per (mesh, N), the step's terms itemised (MiB per rank)."""
+    lines = ["family | params | N | mesh | build peak | build/ideal | step peak | step/ideal | "
+             "grads+momentum | gathered block | activations | bound | ideal P/N",
+             "--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---"]
     for r in rows:
+        step = r["step_peak_bytes"]
         lines.append(" | ".join([
-            r["family"], _count(r["param_bytes"] // 4), str(r["ranks"]), _mib(r["build_peak_bytes"]),
-            _mib(r["step_peak_bytes"]), _mib(r["ideal_bytes"]), f"{r['build_peak_bytes'] / r['ideal_bytes']:.3f}",
+            r["family"], _count(r["param_bytes"] // 4), str(r["ranks"]), r.get("mesh", "1d"),
+            _mib(r["build_peak_bytes"]), f"{r['build_peak_bytes'] / r['ideal_bytes']:.3f}",
+            _mib(step), "-" if step is None else f"{step / r['ideal_bytes']:.2f}",
+            _mib(r.get("grad_momentum_bytes")), _mib(r.get("gathered_block_bytes")),
+            _mib(r.get("activation_bytes")), _mib(step_bound(r)), _mib(r["ideal_bytes"]),
         ]))
+    lines.append("")
+    lines.append("MiB per rank (rank 0 holds the largest shards). step peak: one train step (forward, "
+                 "backward, SGD with momentum) above the weights. bound = grads+momentum + 2 x gathered "
+                 "block (the block a layer gathers along \"batch\", gathered again in backward, and its "
+                 "gradient before the reduce-scatter) + activations (what a forward keeps for backward). "
+                 "A step peak above the bound is memory the layout wastes (1-D at N > heads: attention "
+                 "gradients computed whole).")
     return "\n".join(lines)
+
+
+def _runs(ranks, meshes):
+    """(N, mesh) pairs: '1d' runs every N of ``ranks``; 'BxM' runs N = B x M."""
+    from bench.families import parse_mesh
+
+    runs = []
+    for m in meshes:
+        shape = parse_mesh(m)
+        if shape is None:
+            runs += [(n, None) for n in ranks]
+        else:
+            runs.append((shape[0] * shape[1], shape))
+    return runs
 
 
 def main(argv=None) -> int:
@@ -157,7 +243,10 @@ def main(argv=None) -> int:
     p.add_argument("--params", default="70B",
                    help="parameter count (70B, 1.3B, 350M), size (256MiB), or a published shape of a "
                         "keras-hub family: " + ", ".join(sorted(PRESETS)) + " (sets --family)")
-    p.add_argument("--ranks", default="8,64,1024", help="comma-separated world sizes")
+    p.add_argument("--ranks", default="8,64,1024", help="comma-separated world sizes (for --mesh 1d)")
+    p.add_argument("--mesh", default="1d",
+                   help="comma-separated meshes: 1d (the family's 1-D mesh, at every --ranks) and/or BxM, "
+                        "a (\"batch\", \"model\") mesh of B x M ranks, e.g. --mesh 1d,2x4,8x8,128x8")
     p.add_argument("--json", help="write {meta, rows} here")
     p.add_argument("--no-step", action="store_true", help="plan the build only")
     args = p.parse_args(argv)
@@ -169,11 +258,17 @@ def main(argv=None) -> int:
         args.family, size = PRESETS[preset][0], preset
     else:
         size = parse_params(args.params)
-    rows = plan(args.family, size, ranks, step=not args.no_step, log=sys.stderr)
+    try:
+        runs = _runs(ranks, [m for m in args.mesh.split(",") if m])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    rows = []
+    for n, shape in runs:
+        rows += plan(args.family, size, [n], step=not args.no_step, log=sys.stderr, mesh=shape)
     print(table(rows))
     for r in rows:
         if r.get("step_error"):
-            print(f"N={r['ranks']}: the train step could not run: {r['step_error']}")
+            print(f"N={r['ranks']} mesh {r.get('mesh', '1d')}: the train step could not run: {r['step_error']}")
     if args.json:
         meta = report.meta(device="cpu (FakeTensorMode, fake process group)", budget_bytes=None,
                            extra={"command": " ".join(sys.argv), "dtype": "float32", "rank": 0})

@@ -98,7 +98,8 @@ def summarize(rows) -> list[dict]:
     mode, N. Peaks are the worst rank's, and only for scenarios whose every rank finished."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["family"], r["param_bytes"], r["ranks"], r["mode"], r.get("budget_bytes") or 0)].append(r)
+        mode = r["mode"] if r.get("mesh", "1d") == "1d" else f"{r['mode']} {r['mesh']}"  # 2-D beside 1-D
+        groups[(r["family"], r["param_bytes"], r["ranks"], mode, r.get("budget_bytes") or 0)].append(r)
 
     def order(key):
         mode = key[3]

@@ -49,15 +49,16 @@ class Scenario:
     device: str = "cpu"
     budget_bytes: int | None = None
     step: bool = True
+    mesh: tuple | None = None  # (B, M): a ("batch", "model") mesh; None: the family's 1-D mesh
 
 
-def _model_mesh(device: str, family: str = "mlp"):
+def _model_mesh(device: str, family: str = "mlp", mesh=None):
     import keras
 
     from bench.families import model_mesh
 
     devices = keras.distribution.list_devices("gpu" if device == "cuda" else "cpu")
-    return model_mesh(family, devices)
+    return model_mesh(family, devices, mesh)
 
 
 def _distribution(scenario: Scenario):
@@ -81,7 +82,7 @@ def _distribution(scenario: Scenario):
         from bench.peers import use_naive_creation
 
         use_naive_creation()
-    mesh = _model_mesh(scenario.device, scenario.family)
+    mesh = _model_mesh(scenario.device, scenario.family, scenario.mesh)
     dist_ = keras.distribution.ModelParallel(layout_map=layout_map(scenario.family, mesh, scenario.param_bytes))
     keras.distribution.set_distribution(dist_)
     return dist_
@@ -193,7 +194,7 @@ def run_scenario(scenario: Scenario, *, timeout: float = 300.0):
 
 def rows_for(scenario: Scenario, launched) -> list[dict]:
     """results.json rows: one per rank per phase ("build", "step")."""
-    from bench.families import exact_param_bytes
+    from bench.families import exact_param_bytes, mesh_label
 
     rows = []
     for r in launched:
@@ -203,6 +204,7 @@ def rows_for(scenario: Scenario, launched) -> list[dict]:
         base = {
             "family": scenario.family, "param_bytes": param_bytes, "ranks": scenario.ranks,
             "rank": r.rank, "mode": scenario.mode, "device": scenario.device,
+            "mesh": mesh_label(scenario.mesh, scenario.ranks),
             "budget_bytes": scenario.budget_bytes, "status": "oom" if oom else r.status,
             "oom": oom, "error": value.get("error") or (r.error.splitlines()[-1] if r.error else None),
             "init_seconds": value.get("init_seconds"), "gather_seconds": value.get("gather_seconds"),

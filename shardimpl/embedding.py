@@ -18,9 +18,11 @@ Backward needs no communication: each rank scatters the output gradient into
 its own rows, so the table's gradient comes out laid out like the table
 (``Partial`` on axes where the ids, not the table, are split: the
 data-parallel sum). Where the ids are split over an axis that also splits the
-table (keras-hub's ``("model", "batch")`` embedding on a mesh with batch > 1),
-the table is first gathered along that axis (what such an FSDP-style layout
-implies; its backward reduce-scatters the gradient back).
+table (keras-hub's ``("model", "batch")`` embedding, or a vocabulary split
+along "batch", on a mesh with batch > 1), the ids are gathered along that axis
+instead of the table (a lookup touches a few rows: moving ids costs the ids,
+moving the table costs |table| / M) and the output is split like the ids
+again (a slice, or for a width split one exchange of the output).
 """
 
 from __future__ import annotations
@@ -110,9 +112,11 @@ def embedding_lookup(ids, weight: DTensor) -> DTensor:
     ``ids``: an integer tensor (the same on every rank) or a DTensor on the
     table's mesh (e.g. split along the batch). Negative ids count from the end.
     Communication: one all-reduce of the output per mesh axis that splits the
-    vocabulary; a gather of the table along axes that split both the ids and
-    the table. Memory: the output's local block, and a vocabulary-split table's
-    gradient only as large as the table's shard.
+    vocabulary; along axes that split both the ids and the table, an all-gather
+    of the ids and a re-split of the output (its backward, an all-gather of the
+    output's gradient). The table never moves. Memory: the output's local
+    block (whole along such axes while the lookup runs), and a table gradient
+    only as large as the table's shard.
     """
     mesh = weight.device_mesh
     if weight.ndim != 2:
@@ -120,13 +124,16 @@ def embedding_lookup(ids, weight: DTensor) -> DTensor:
     ids_pl = _ids_placements(ids, mesh)
     if isinstance(ids, DTensor) and ids.device_mesh != mesh:
         raise ValueError("embedding_lookup: the ids and the table must be on the same mesh.")
-    gathered = [
-        Replicate() if mesh.size(i) > 1 and isinstance(pi, Shard) and not isinstance(pw, Replicate) else pw
-        for i, (pw, pi) in enumerate(zip(weight.placements, ids_pl))
-    ]
-    if tuple(gathered) != tuple(weight.placements):
-        weight = weight.redistribute(mesh, gathered)
+    # Where the ids and the table are split over the same axis, gather the ids along it (a few
+    # integers) rather than the table, and split the output like the ids afterwards.
+    both = [i for i, (pw, pi) in enumerate(zip(weight.placements, ids_pl))
+            if mesh.size(i) > 1 and isinstance(pi, Shard) and not isinstance(pw, Replicate)]
+    if both:
+        ids = ids.redistribute(mesh, [Replicate() if i in both else p for i, p in enumerate(ids_pl)])
     if ids.dtype != torch.int64:
         ids = ids.long()
     ids = torch.where(ids < 0, ids + weight.shape[0], ids)
-    return _Lookup.apply(ids, weight)
+    out = _Lookup.apply(ids, weight)
+    if both:
+        out = out.redistribute(mesh, [ids_pl[i] if i in both else p for i, p in enumerate(out.placements)])
+    return out

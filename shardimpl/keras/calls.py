@@ -30,10 +30,10 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.keras.active import current_distribution, is_installed
-from shardimpl.keras.context import is_within, step_context
+from shardimpl.keras.context import is_within, layer_call, sharded_reads, step_context
 from shardimpl.mesh import local_device, to_torch_mesh
 
-__all__ = ["wrap_layer_call", "wrap_embedding_call", "to_plain"]
+__all__ = ["wrap_layer_call", "wrap_embedding_call", "wrap_forward", "wrap_track_variables", "to_plain"]
 
 
 def _plain(x):
@@ -53,15 +53,15 @@ def _replicated(t, mesh):
     return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def _saved_as_dtensors(mesh):
-    """Saved-tensor hooks: a plain tensor saved for backward is kept as a replicated DTensor."""
+def _saved_as_dtensor(mesh):
+    """Pack for saved-tensor hooks: a plain tensor saved for backward is kept as a replicated DTensor."""
 
     def pack(t):
         if isinstance(t, DTensor) or t.requires_grad or t.device.type == "meta":
             return t
         return _replicated(t, mesh)
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    return pack
 
 
 def _inputs_as_dtensors(args, kwargs, mesh):
@@ -97,7 +97,7 @@ def wrap_layer_call(original):
             return original(self, *args, **kwargs)
         mesh = to_torch_mesh(distribution.device_mesh)
         args, kwargs = _inputs_as_dtensors(args, kwargs, mesh)
-        with step_context(), _saved_as_dtensors(mesh):
+        with step_context(_saved_as_dtensor(mesh)):
             outputs = original(self, *args, **kwargs)
         return to_plain(outputs)
 
@@ -114,7 +114,8 @@ def wrap_embedding_call(original):
         if (not isinstance(getattr(table, "_value", None), DTensor) or getattr(self, "quantization_mode", None)
                 or getattr(self, "lora_enabled", False)):
             return original(self, inputs)
-        value = table.value  # a meta stand-in during Keras' symbolic build: stock lookup then
+        with sharded_reads():  # the lookup reads the shard: it moves ids, never the table
+            value = table.value  # a meta stand-in during Keras' symbolic build: stock lookup then
         if not isinstance(value, DTensor):
             return original(self, inputs)
         from keras.src import ops
@@ -125,3 +126,29 @@ def wrap_embedding_call(original):
         return ops.cast(embedding_lookup(ids, value), dtype=self.compute_dtype)
 
     return call
+
+
+def wrap_forward(original):
+    """TorchLayer.forward (it runs the layer's ``call``, after any build): inside shardimpl's
+    context, the variables the call reads come gathered along the data axis (FSDP)."""
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if not is_within():
+            return original(self, *args, **kwargs)
+        with layer_call():
+            return original(self, *args, **kwargs)
+
+    return forward
+
+
+def wrap_track_variables(original):
+    """TorchLayer._track_variables / _post_track_variable register ``variable.value`` as the
+    layer's torch parameters: always the sharded variable itself, never a gathered copy."""
+
+    @functools.wraps(original)
+    def track(self, *args, **kwargs):
+        with sharded_reads():
+            return original(self, *args, **kwargs)
+
+    return track

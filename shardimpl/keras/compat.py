@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["SUPPORTED_KERAS", "check_keras", "torch_core", "torch_trainer_class", "keras_distribution_lib"]
+__all__ = ["SUPPORTED_KERAS", "check_keras", "torch_core", "torch_trainer_class", "keras_distribution_lib",
+           "in_symbolic_scope", "torch_layer_class"]
 
 SUPPORTED_KERAS = ("3.15.", "3.16.")
 
@@ -69,3 +70,23 @@ def keras_distribution_lib():
     from keras.src.distribution import distribution_lib
 
     return distribution_lib
+
+
+def in_symbolic_scope() -> bool:
+    """True while Keras traces shapes (``compute_output_spec``: symbolic build, Functional graphs)."""
+    try:
+        from keras.src.backend.common.symbolic_scope import in_symbolic_scope as inside
+    except ImportError:
+        raise _moved("symbolic scope", ("keras.src.backend.common.symbolic_scope.in_symbolic_scope",)) from None
+    return inside()
+
+
+def torch_layer_class():
+    """Keras' torch ``TorchLayer`` (``backend/torch/layer.py``, 3.15 and 3.16): the torch Module
+    base of every layer; its ``forward`` runs ``call``, ``_track_variables`` registers params."""
+    from keras.src.backend.torch import layer
+
+    cls = getattr(layer, "TorchLayer", None)
+    if cls is None or not all(hasattr(cls, a) for a in ("forward", "_track_variables", "_post_track_variable")):
+        raise _moved("torch layer class", ("TorchLayer.forward", "TorchLayer._track_variables"))
+    return cls

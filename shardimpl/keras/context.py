@@ -3,9 +3,14 @@
 `within_shardimpl()` marks a block that already runs under shardimpl's
 context (a trainer step, an outermost direct call), so nested layer calls
 do not enter it again and return DTensors to their caller. `step_context()`
-lets plain tensors mix with DTensors (treated as replicated) and sends
+lets plain tensors mix with DTensors (treated as replicated), sends
 attention through decomposable math ops (DTensor has no rule for the fused
-CPU/flash attention backward).
+CPU/flash attention backward) and saves gathered weights for backward as
+re-gather tokens (`shardimpl.fsdp.regather_hooks`). `in_layer_call()` is
+true while a layer's ``call`` runs inside that context: only there does a
+variable split along the data axis read as gathered (`shardimpl.keras.fsdp`),
+never in the optimizer or when gradients are read. `sharded_reads()` turns
+that off for a block (an embedding lookup reads its table's shard).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-__all__ = ["within_shardimpl", "is_within", "step_context"]
+__all__ = ["within_shardimpl", "is_within", "step_context", "layer_call", "in_layer_call", "sharded_reads"]
 
 _local = threading.local()
 
@@ -31,12 +36,40 @@ def within_shardimpl():
         _local.depth -= 1
 
 
+def in_layer_call() -> bool:
+    """True inside a layer call within shardimpl's context, unless `sharded_reads` is active."""
+    return getattr(_local, "layers", 0) > 0 and not getattr(_local, "sharded", 0)
+
+
 @contextlib.contextmanager
-def step_context():
-    """Mixed plain/DTensor ops allowed, and attention through decomposable math ops."""
+def layer_call():
+    _local.layers = getattr(_local, "layers", 0) + 1
+    try:
+        yield
+    finally:
+        _local.layers -= 1
+
+
+@contextlib.contextmanager
+def sharded_reads():
+    """Variables read as their shards in this block, even inside a layer call."""
+    _local.sharded = getattr(_local, "sharded", 0) + 1
+    try:
+        yield
+    finally:
+        _local.sharded -= 1
+
+
+@contextlib.contextmanager
+def step_context(pack_other=None):
+    """Mixed plain/DTensor ops allowed, attention through decomposable math ops, gathered
+    weights saved as re-gather tokens (``pack_other`` packs every other saved tensor)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with within_shardimpl(), _implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
+    from shardimpl.fsdp import regather_hooks
+
+    with within_shardimpl(), _implicit_replication(), sdpa_kernel([SDPBackend.MATH]), \
+            regather_hooks(pack_other):
         yield
 
 

@@ -21,7 +21,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from shardimpl.keras import backend, calls, ops, rules, saving, steps, variables
-from shardimpl.keras.compat import keras_distribution_lib, torch_core, torch_trainer_class
+from shardimpl.keras.compat import keras_distribution_lib, torch_core, torch_layer_class, torch_trainer_class
 
 __all__ = ["Patch", "patch_table", "apply_all", "undo_all", "describe_table"]
 
@@ -134,6 +134,14 @@ def patch_table() -> list[Patch]:
     rows.append(Patch("keras.src.layers.layer.Layer", "__call__",
                       "a direct call (model(x), the build fallback, generate) runs as in a step and "
                       "returns plain tensors", _one(layer), calls.wrap_layer_call))
+    rows.append(Patch("<torch layer>.TorchLayer", "forward",
+                      "inside a step or direct call, a layer's call reads variables split along the "
+                      "data axis gathered along it (FSDP), and only there", _one(torch_layer_class),
+                      calls.wrap_forward))
+    for name in ("_track_variables", "_post_track_variable"):
+        rows.append(Patch("<torch layer>.TorchLayer", name,
+                          "a layer's torch parameters are the sharded variables, never gathered copies",
+                          _one(torch_layer_class), calls.wrap_track_variables))
     rows.append(Patch("keras.src.layers.core.embedding.Embedding", "call",
                       "a sharded table (vocabulary-split too) is looked up without torch 2.13's "
                       "_MaskPartial defect; the gradient keeps the table's layout",

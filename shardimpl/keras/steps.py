@@ -2,13 +2,14 @@
 
 Under a distribution each step:
 
-* lays the batch out: with a data axis (a mesh axis no variable layout uses,
-  e.g. "batch" of a ("batch", "model") mesh, or DataParallel's axis) each rank
-  keeps its slice of the global batch along dim 0 (a DTensor sharded on that
-  axis); with a model-only mesh every rank keeps the same full batch;
+* lays the batch out: with a data axis (`data_axis`: "batch" of a
+  ("batch", "model") mesh, or DataParallel's axis) each rank keeps its slice
+  of the global batch along dim 0 (a DTensor sharded on that axis); with a
+  model-only mesh every rank keeps the same full batch;
 * runs forward and backward with plain tensors treated as replicated
   (`implicit_replication`) and with the math attention kernel (DTensor has no
-  rule for the fused CPU/flash attention backward);
+  rule for the fused CPU/flash attention backward); variables split along the
+  data axis read as gathered while their layer runs (`shardimpl.keras.fsdp`);
 * loads data the same way on every rank: the host RNGs (torch, numpy) are
   agreed from rank 0 when fit/evaluate/predict start (one broadcast), so
   shuffled batches match across ranks, and Keras' multi-process check that
@@ -40,24 +41,34 @@ def _distribution():
 
 
 def data_axis(distribution) -> str | None:
-    """The mesh axis that splits batches, or None when every rank sees the whole batch."""
-    from keras.distribution import DataParallel, ModelParallel
+    """The mesh axis that splits batches, or None when every rank sees the whole batch.
+
+    It is the distribution's ``batch_dim_name`` when the mesh has it with size > 1. Variables
+    may be split along it too (fully sharded data parallel: `shardimpl.keras.fsdp` gathers them
+    along it while a layer runs). One exception keeps model-only meshes working: on a mesh
+    with a single axis of size > 1, an axis that a ModelParallel layout uses is the model
+    axis (Keras names the first mesh axis ``batch_dim_name`` by default), and batches are
+    not split.
+    """
+    from keras.distribution import ModelParallel
 
     mesh = distribution.device_mesh
     name = distribution.batch_dim_name
-    if name not in mesh.axis_names or mesh.shape[list(mesh.axis_names).index(name)] == 1:
+    names = list(mesh.axis_names)
+    if name not in names or mesh.shape[names.index(name)] == 1:
         return None
-    if isinstance(distribution, DataParallel):
-        return name
-    if isinstance(distribution, ModelParallel):
-        layout_map = distribution._layout_map
-        for key in layout_map:
-            axes = layout_map[key].axes
-            used = {a for entry in axes if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
-            if name in used:
-                return None  # the default batch_dim_name of a 1-D mesh is the model axis
-        return name
+    if isinstance(distribution, ModelParallel) and len(kept_axes(mesh)) == 1 and _layouts_use(distribution, name):
+        return None
     return name
+
+
+def _layouts_use(distribution, name: str) -> bool:
+    layout_map = distribution._layout_map
+    for key in layout_map:
+        for entry in layout_map[key].axes:
+            if entry is not None and name in ((entry,) if isinstance(entry, str) else tuple(entry)):
+                return True
+    return False
 
 
 def _batch_layout(distribution):

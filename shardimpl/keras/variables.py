@@ -9,16 +9,22 @@ gradient keeps the variable's own layout.
 A variable created this way is marked on the object itself (its class
 becomes a guarded subclass, nothing global): reading its value when
 shardimpl is no longer installed, or with no distribution set, raises one
-clear error instead of torch's "mixed torch.Tensor and DTensor".
+clear error instead of torch's "mixed torch.Tensor and DTensor". Read by a
+layer's ``call`` inside a step or direct call, a variable split along the
+data axis reads as gathered along that axis (`shardimpl.keras.fsdp`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from shardimpl.create import distribute_variable
 from shardimpl.keras.active import current_distribution, is_installed
+from shardimpl.keras.compat import in_symbolic_scope
+from shardimpl.keras.context import in_layer_call
+from shardimpl.keras.fsdp import value_for_compute
 from shardimpl.reshard import can_reshard_p2p, reshard_p2p
 
 __all__ = [
@@ -92,9 +98,13 @@ def _guarded_class(cls):
     base_value = cls.value  # Keras' property
 
     def value(self):
-        if not is_installed() or current_distribution() is None:
+        distribution = current_distribution() if is_installed() else None
+        if distribution is None:
             raise ShardedVariableError(_guard_message(self))
-        return base_value.fget(self)
+        value = base_value.fget(self)  # the shard, or its autocast copy (same layout)
+        if isinstance(value, DTensor) and in_layer_call() and not in_symbolic_scope():
+            return value_for_compute(value, distribution)  # gathered along the data axis (FSDP)
+        return value
 
     sub = type(cls.__name__, (cls,), {"value": property(value), "__module__": cls.__module__,
                                        "_shardimpl_sharded": True, "__qualname__": cls.__qualname__})
