@@ -128,7 +128,11 @@ def layout_map(family: str, mesh, param_bytes: int | None = None):
         lm[r".*dense_\d*[13579]/kernel"] = ("model", None)
         lm[r".*dense_\d*[13579]/bias"] = (None,)
         return lm
-    lm[r".*token_embedding/embeddings"] = (None, "model")
+    # Split by vocabulary: each rank looks up the rows it holds and one all-reduce sums
+    # them, so the embedding's output is whole. Split by width instead, the output (and
+    # with it the residual stream) comes out width-split, and every LayerNorm re-lays it
+    # out by batch and every next layer gathers it back: 2.4x the stock step at N=2.
+    lm[r".*token_embedding/embeddings"] = ("model", None)
     model_ranks = mesh.shape[list(mesh.axis_names).index("model")]
     heads = dims_for(family, param_bytes)["heads"] if param_bytes else None
     if heads and heads % model_ranks == 0:
@@ -141,6 +145,11 @@ def layout_map(family: str, mesh, param_bytes: int | None = None):
     lm[r".*mlp_up/kernel"] = (None, "model")
     lm[r".*mlp_up/bias"] = ("model",)
     lm[r".*mlp_down/kernel"] = ("model", None)
+    # Megatron's residual stream: replicated between blocks. The row-split layers
+    # (attention output, mlp_down) return partial sums; summing each once, at the layer's
+    # output, keeps LayerNorm, the residual adds and the next block's inputs unsharded.
+    lm[r".*attn/output"] = (None, None, None)
+    lm[r".*mlp_down/output"] = (None, None, None)
     return lm
 
 

@@ -123,6 +123,36 @@ def _train_step(model, batch, device) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+TIMED_STEPS = 3
+
+
+def _time_steps(model, batch, device, steps: int = TIMED_STEPS) -> dict:
+    """Speed, unmetered: the median of ``steps`` back-to-back train steps, and steps/s over them.
+
+    Runs after the metered step, so the meter's bookkeeping is not timed. Stock Keras
+    (mode "unsharded") runs the same step on the same number of ranks in the same run,
+    which makes the two comparable: a speed regression shows next to the memory one.
+    """
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    dist.barrier()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        _train_step(model, batch, device)
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"step_seconds": statistics.median(times), "steps_per_second": steps / sum(times)}
+
+
 def _gather_all(model) -> float:
     import torch.distributed as dist
 
@@ -180,6 +210,7 @@ def measure_rank(scenario: Scenario) -> dict:
             _train_step(model, batch, device)
         out["step_peak_bytes"] = meter.result().device_peak_bytes
         out["step_host_peak_bytes"] = meter.result().host_peak_bytes
+        out.update(_time_steps(model, batch, device))
     if scenario.mode != "unsharded":
         out["gather_seconds"] = _gather_all(model)
     return out
@@ -217,6 +248,8 @@ def rows_for(scenario: Scenario, launched) -> list[dict]:
             # A step allocates gradients and momentum slots: 2 x P / N at best.
             rows.append({**base, "phase": "step", "peak_bytes": value.get("step_peak_bytes"),
                          "host_peak_bytes": value.get("step_host_peak_bytes"),
+                         "step_seconds": value.get("step_seconds"),
+                         "steps_per_second": value.get("steps_per_second"),
                          "ideal_bytes": 2 * param_bytes / scenario.ranks})
     return rows
 
