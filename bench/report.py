@@ -160,6 +160,27 @@ def _fit_clause(name, fits, ooms, failed, all_ns) -> str:
     return f"{name} " + ", ".join(parts)
 
 
+def _speed_clause(at_p) -> str | None:
+    """Sharded train-step time at N (2 first) beside stock Keras' at N = 1 and at N, this run.
+
+    Stock Keras at N = 1 is one process with the whole machine; at N, N processes step
+    the whole model each on the same cores the sharded ranks share.
+    """
+    def secs(mode, n):
+        s = at_p.get((mode, n))
+        return s.get("step_step_seconds") if s else None
+
+    timed = [n for (m, n) in at_p if m == "sharded" and n > 1 and secs("sharded", n)]
+    if not timed:
+        return None
+    n = 2 if 2 in timed else min(timed)
+    sh = secs("sharded", n)
+    stock = [f"{secs('unsharded', k):.2f} s at N = {k}" for k in sorted({1, n}) if secs("unsharded", k)]
+    if not stock:
+        return None
+    return f"train step {sh:.2f} s sharded at N = {n}, stock Keras " + ", ".join(stock)
+
+
 def verdicts(summary, budget_bytes=None) -> dict[str, str]:
     """Per family, one sentence: sharded vs P/N, stock Keras per rank, who fits under the budget.
 
@@ -199,6 +220,9 @@ def verdicts(summary, budget_bytes=None) -> dict[str, str]:
                 else:
                     clauses.append(f"{name} " + ", ".join(_mib_text(x).replace(" MiB", "") for x in peaks)
                                    + f" MiB per rank at N = {_ns(ns)}")
+            speed = _speed_clause(at_p)
+            if speed:
+                clauses.append(speed)
         budgeted = [s for s in fs if s["budget_bytes"]]
         if budgeted:
             b = budgeted[0]["budget_bytes"]

@@ -36,6 +36,20 @@ def test_verdict_names_failures_and_partial_fits():
     assert "train step" not in text
 
 
+def test_verdict_puts_the_sharded_step_time_beside_stock_keras_from_the_same_run():
+    def timed(row):
+        if row["phase"] != "step":
+            return {}
+        per_mode = {"unsharded": 0.1, "sharded": 0.06}[row["mode"]]
+        return {"step_seconds": per_mode * row["ranks"] + 0.01 * row["rank"]}  # worst rank counts
+
+    verdicts = report.verdicts(report.summarize(job_rows(extra=timed)), 48 * MiB)
+    # sharded N = 2: 0.12 + 0.01 (rank 1); stock Keras N = 1: 0.10, N = 2: 0.21.
+    assert "train step 0.13 s sharded at N = 2, stock Keras 0.10 s at N = 1, 0.21 s at N = 2" in verdicts["mlp"]
+    untimed = report.verdicts(report.summarize(job_rows()), 48 * MiB)["mlp"]
+    assert "sharded at N" not in untimed
+
+
 def _columns_of(text):
     """Column spans from the dashes under the header."""
     lines = text.splitlines()
