@@ -36,7 +36,9 @@ DEFINITIONS = (
     "the largest model again under that per-rank allocation limit; OOM = the allocator refused. "
     "Sharded builds carry a fixed extra of about 1 MiB per rank (one initializer tile), which is why "
     "the smallest models sit visibly above P/N. A '-' in the step columns: no step was measured there "
-    "(the main job steps at its largest size only, unless --step-every-size)."
+    "(the main job steps at its largest size only, unless --step-every-size). step s = the median of three "
+    "unmetered train steps after the metered one, worst rank; steps/s = those three steps per second of "
+    "their total time. Stock Keras at N > 1 is N processes each stepping the whole model on the same cores."
 )
 
 # Optional per-row fields: (field, column label, formatter kind, worst-rank reduction).
