@@ -38,7 +38,9 @@ DEFINITIONS = (
     "the smallest models sit visibly above P/N. A '-' in the step columns: no step was measured there "
     "(the main job steps at its largest size only, unless --step-every-size). step s = the median of three "
     "unmetered train steps after the metered one, worst rank; steps/s = those three steps per second of "
-    "their total time. Stock Keras at N > 1 is N processes each stepping the whole model on the same cores."
+    "their total time, in ranks that take large blocks from mmap (for the budgets: slower for both modes; "
+    "python -m bench.speed times steps as a plain process runs them). Stock Keras at N > 1 is N processes "
+    "each stepping the whole model on the same cores."
 )
 
 # Optional per-row fields: (field, column label, formatter kind, worst-rank reduction).
