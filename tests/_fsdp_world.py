@@ -115,18 +115,23 @@ def fsdp_run(family):
         v.value.grad = None
     del kept
 
-    _compile(model)
-    model.set_weights(initial)
-    x, y = _data(family)
-    hist = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
-    out["loss"] = hist.history["loss"]
-    out["evaluate"] = float(model.evaluate(x, y, batch_size=8, verbose=0))
-    out["predict"] = model.predict(x[:8], batch_size=8, verbose=0)
-    out["weights"] = model.get_weights()
+    out.update(_fit_from(model, family, initial))
     out["optimizer_local"] = int(sum(v.value.to_local().numel() for v in model.optimizer.variables
                                      if hasattr(v.value, "to_local")))
     out["optimizer_full"] = int(sum(v.value.numel() for v in model.optimizer.variables if hasattr(v.value, "to_local")))
     return out
+
+
+def _fit_from(model, family, initial) -> dict:
+    """Compile, reset to ``initial``, fit two epochs, evaluate, predict, read the weights."""
+    _compile(model)
+    model.set_weights(initial)
+    x, y = _data(family)
+    hist = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    return {"loss": hist.history["loss"],
+            "evaluate": float(model.evaluate(x, y, batch_size=8, verbose=0)),
+            "predict": model.predict(x[:8], batch_size=8, verbose=0),
+            "weights": model.get_weights()}
 
 
 def reference_run(family, initial):
@@ -141,14 +146,7 @@ def reference_run(family, initial):
     batch = sample_batch(family, SIZE, seed=1)
     out = {}
     out["loop_loss"], out["grads"], _ = _grads(model, family, batch)
-    _compile(model)
-    model.set_weights(initial)
-    x, y = _data(family)
-    hist = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
-    out["loss"] = hist.history["loss"]
-    out["evaluate"] = float(model.evaluate(x, y, batch_size=8, verbose=0))
-    out["predict"] = model.predict(x[:8], batch_size=8, verbose=0)
-    out["weights"] = model.get_weights()
+    out.update(_fit_from(model, family, initial))
     return out
 
 

@@ -39,6 +39,14 @@ def _nbytes(full_shape, dtype) -> int:
     return math.prod(full_shape) * torch.empty((), dtype=dtype).element_size()
 
 
+def _numpy_slice(full_shape, offsets, sizes, dtype, device):
+    """The shard, cut out of a full-size numpy buffer built first (what the gate must catch)."""
+    full = _numpy_full(full_shape)
+    piece = np.ascontiguousarray(full[shard_slices(offsets, sizes)])
+    del full
+    return torch.from_numpy(piece).to(device=device, dtype=dtype)
+
+
 def _numpy_full(full_shape) -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.standard_normal(tuple(full_shape), dtype=np.float32) * 0.02
@@ -61,10 +69,7 @@ def numpy_full_then_slice():
     """Build every variable whole in a numpy buffer, copy the shard into torch: no aten op sees it."""
     def make(original):
         def fill(spec, full_shape, offsets, sizes, *, dtype, device):
-            full = _numpy_full(full_shape)
-            piece = np.ascontiguousarray(full[shard_slices(offsets, sizes)])
-            del full
-            return torch.from_numpy(piece).to(device=device, dtype=dtype)
+            return _numpy_slice(full_shape, offsets, sizes, dtype, device)
         return fill
     with _patched(make):
         yield
@@ -97,10 +102,7 @@ def small_variable_full_copy():
         def fill(spec, full_shape, offsets, sizes, *, dtype, device):
             if _nbytes(full_shape, dtype) >= budget:
                 return original(spec, full_shape, offsets, sizes, dtype=dtype, device=device)
-            full = _numpy_full(full_shape)
-            piece = np.ascontiguousarray(full[shard_slices(offsets, sizes)])
-            del full
-            return torch.from_numpy(piece).to(device=device, dtype=dtype)
+            return _numpy_slice(full_shape, offsets, sizes, dtype, device)
         return fill
     with _patched(make):
         yield

@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 
 import _checkpoint_world
+from _rows import ok_values as _ok
 from shardimpl import launch
 
 pytestmark = pytest.mark.distributed
-
-
-def _ok(rows):
-    bad = [r for r in rows if r.status != "ok"]
-    assert not bad, "\n".join(f"rank {r.rank}: {r.status}\n{r.error}" for r in bad)
-    return [r.value for r in rows]
 
 
 def _equal(a, b):

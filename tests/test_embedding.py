@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 
 import _embedding_world
+from _rows import ok_values as _ok
 from shardimpl import launch
 
 pytestmark = pytest.mark.distributed
-
-
-def _ok(rows):
-    bad = [r for r in rows if r.status != "ok"]
-    assert not bad, "\n".join(f"rank {r.rank}: {r.status}\n{r.error}" for r in bad)
-    return [r.value for r in rows]
 
 
 def test_torch_defect_vocab_split_lookup_fails_when_its_output_feeds_two_ops():

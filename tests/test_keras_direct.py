@@ -8,17 +8,12 @@ import numpy as np
 import pytest
 
 import _keras_world
+from _rows import ok_values as _ok
 from shardimpl import launch
 
 pytestmark = pytest.mark.distributed
 
 CASES = [("mlp", 2, None, False), ("block", 2, None, True), ("mlp", 4, (2, 2), True)]
-
-
-def _ok(rows):
-    bad = [r for r in rows if r.status != "ok"]
-    assert not bad, "\n".join(f"rank {r.rank}: {r.status}\n{r.error}" for r in bad)
-    return [r.value for r in rows]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-N{c[1]}{'-2x2' if c[2] else ''}"

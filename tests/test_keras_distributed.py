@@ -10,21 +10,11 @@ import numpy as np
 import pytest
 
 import _keras_world
+from _rows import ok_values as _ok, max_rel_diff as _rel
 from shardimpl import launch
 
 pytestmark = pytest.mark.distributed
 RTOL = 1e-5
-
-
-def _ok(rows):
-    bad = [r for r in rows if r.status != "ok"]
-    assert not bad, "\n".join(f"rank {r.rank}: {r.status}\n{r.error}" for r in bad)
-    return [r.value for r in rows]
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6)))
 
 
 def _same_weights(a, b, atol=0.0):

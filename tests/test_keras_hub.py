@@ -15,17 +15,12 @@ pytest.importorskip("keras_hub", reason="keras-hub is not installed (see the REA
 pytest.importorskip("grain", reason="keras-hub's fit/predict need grain (pip install -e '.[hub]')")
 
 import _hub_world  # noqa: E402
+from _rows import ok_values as _ok  # noqa: E402
 from shardimpl import launch  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
 BACKBONES = ["gemma", "llama", "llama3", "qwen", "qwen3_moe"]
-
-
-def _ok(rows):
-    bad = [r for r in rows if r.status != "ok"]
-    assert not bad, "\n".join(f"rank {r.rank}: {r.status}\n{r.error}" for r in bad)
-    return [r.value for r in rows]
 
 
 @pytest.fixture(scope="module", params=[((1, 2), BACKBONES), ((2, 2), ["gemma"])],

@@ -25,15 +25,10 @@ import torch
 
 import _launch_world
 import _reliability_world
+from _rows import ok_values as _ok
 from shardimpl import launch
 
 FAULT_SECONDS = 5.0  # a fault must end every rank within this (they take ~0.1 s here)
-
-
-def _ok(rows):
-    bad = [r for r in rows if r.status != "ok"]
-    assert not bad, "\n".join(f"rank {r.rank}: {r.status}\n{r.error}" for r in bad)
-    return [r.value for r in rows]
 
 
 def _timing(item, seconds):

@@ -23,17 +23,23 @@ __all__ = ["within_shardimpl", "is_within", "step_context", "layer_call", "in_la
 _local = threading.local()
 
 
+@contextlib.contextmanager
+def _counting(name: str):
+    """This thread's counter ``name`` one higher while the block runs (blocks nest)."""
+    setattr(_local, name, getattr(_local, name, 0) + 1)
+    try:
+        yield
+    finally:
+        setattr(_local, name, getattr(_local, name) - 1)
+
+
 def is_within() -> bool:
     return getattr(_local, "depth", 0) > 0
 
 
-@contextlib.contextmanager
 def within_shardimpl():
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
+    """Mark a block as already running under shardimpl's context."""
+    return _counting("depth")
 
 
 def in_layer_call() -> bool:
@@ -41,23 +47,14 @@ def in_layer_call() -> bool:
     return getattr(_local, "layers", 0) > 0 and not getattr(_local, "sharded", 0)
 
 
-@contextlib.contextmanager
 def layer_call():
-    _local.layers = getattr(_local, "layers", 0) + 1
-    try:
-        yield
-    finally:
-        _local.layers -= 1
+    """Mark a block as a layer's ``call`` (see `in_layer_call`)."""
+    return _counting("layers")
 
 
-@contextlib.contextmanager
 def sharded_reads():
     """Variables read as their shards in this block, even inside a layer call."""
-    _local.sharded = getattr(_local, "sharded", 0) + 1
-    try:
-        yield
-    finally:
-        _local.sharded -= 1
+    return _counting("sharded")
 
 
 @contextlib.contextmanager
