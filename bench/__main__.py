@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import sys
@@ -122,8 +123,12 @@ def _wrap(label, text) -> str:
     import textwrap
 
     width = max(60, min(120, shutil.get_terminal_size((100, 20)).columns))
-    return textwrap.fill(text, width=width, initial_indent=f"{label}: ",
-                         subsequent_indent=" " * (len(label) + 2))
+    glue = "\x00"  # keeps "N = 2", "P = 128 MiB" on one line: the wrapper breaks at spaces only
+    kept = re.sub(r"(?<=\b[A-Z]) = (?=\S)", f"{glue}={glue}", text)
+    kept = re.sub(r"(?<=\d) (?=MiB|s\b|x\b)", glue, kept)
+    wrapped = textwrap.fill(kept, width=width, initial_indent=f"{label}: ",
+                            subsequent_indent=" " * (len(label) + 2))
+    return wrapped.replace(glue, " ")
 
 
 def write_all(args, rows, budget, extra=None) -> int:

@@ -27,8 +27,9 @@ ul.verdicts b { flex: 0 0 7.5em; }
 ul.verdicts li.bad { background: #fdf1f1; border-left-color: #d62728; }
 img.plot { display: block; max-width: 100%; height: auto; border: 1px solid #eee; margin: 6px 0 14px; }
 table { border-collapse: collapse; font: 13px/1.3 ui-monospace, "DejaVu Sans Mono", Menlo, monospace; }
-th, td { padding: 3px 9px; border-bottom: 1px solid #eee; white-space: nowrap; }
-th { background: #fafafa; position: sticky; top: 0; text-align: left; border-bottom: 2px solid #ccc; }
+th, td { padding: 3px 6px; border-bottom: 1px solid #eee; white-space: nowrap; }
+th { background: #fafafa; position: sticky; top: 0; text-align: left; border-bottom: 2px solid #ccc;
+     white-space: normal; vertical-align: bottom; }  /* headers wrap: 16 columns fit a laptop window */
 td.num, th.num { text-align: right; }
 tr.group td { border-top: 2px solid #ccc; }
 td.OOM { color: #b00; font-weight: bold; }
