@@ -15,7 +15,7 @@ pytest.importorskip("keras_hub", reason="keras-hub is not installed (see the REA
 pytest.importorskip("grain", reason="keras-hub's fit/predict need grain (pip install -e '.[hub]')")
 
 import _hub_world  # noqa: E402
-from _rows import ok_values as _ok  # noqa: E402
+from _rows import ok_values as _ok, run_once_more_after_a_native_crash  # noqa: E402
 from shardimpl import launch  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -29,7 +29,8 @@ def runs(request, tmp_path_factory):
     mesh_shape, names = request.param
     folder = str(tmp_path_factory.mktemp("hub"))
     n = mesh_shape[0] * mesh_shape[1]
-    sharded = _ok(launch.run(_hub_world.sharded_many, n, names, mesh_shape, folder, timeout=900))
+    sharded = _ok(run_once_more_after_a_native_crash(launch.run, _hub_world.sharded_many, n, names, mesh_shape,
+                                                     folder, timeout=900))
     initials = {name: sharded[0][name]["initial"] for name in names}
     ref = _ok(launch.run(_hub_world.reference_many, 1, initials, folder, timeout=900))[0]
     return mesh_shape, names, sharded, ref
