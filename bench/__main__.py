@@ -42,7 +42,7 @@ def scenarios_for(args, budget):
     """Every (family, size, N, mode) without a limit (the scaling), then the largest size again
     under the budget (the OOM demonstration), ordered so that one world of ranks serves each
     (N, mode) in turn."""
-    from bench.scenarios import Scenario
+    from bench.harness.scenarios import Scenario
 
     meshes = getattr(args, "mesh", (None,))
     out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size), mesh=mesh)
@@ -63,7 +63,7 @@ def _say(line) -> None:
 
 
 def _progress_line(i, total, s, rows, seconds) -> str:
-    from bench.report import MODE_NAMES
+    from bench.report.summary import MODE_NAMES
 
     statuses = {r["status"] for r in rows}
     status = ("OOM" if "oom" in statuses else "ok" if statuses == {"ok"}
@@ -78,7 +78,7 @@ def _progress_line(i, total, s, rows, seconds) -> str:
 def collect_rows(args, budget):
     """Run every scenario of ``args``; (results.json rows, None). Ranks are reused across the
     scenarios of one (N, mode) (a fresh world for the budgeted ones) unless under torchrun."""
-    from bench.scenarios import measure_rank, rows_for, run_scenario
+    from bench.harness.scenarios import measure_rank, rows_for, run_scenario
     from shardimpl import launch
 
     scenarios = scenarios_for(args, budget)
@@ -134,10 +134,12 @@ def _wrap(label, text) -> str:
 def write_all(args, rows, budget, extra=None) -> int:
     """results.json, the plots, report.md, report.html; the table and the verdicts on stdout.
     Exit status 1 if a rank errored or timed out."""
-    from bench import html_report, report
+    from bench.report import html as html_report
+    from bench.report import plots as plotting
+    from bench.report import summary as report
 
     os.makedirs(args.out, exist_ok=True)
-    plots = report.plot_scaling(rows, args.out, budget)
+    plots = plotting.plot_scaling(rows, args.out, budget)
     meta = report.meta(device=args.device, budget_bytes=budget, extra={
         "command": " ".join([PROG] + [shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])]),
         "started": _STARTED, "load_average_start": _LOAD_START, "load_average": list(os.getloadavg()),
@@ -210,7 +212,7 @@ def _leave_torchrun_world() -> None:
 
 def gate_main(argv) -> int:
     """`python -m bench gate [--device cuda]`: the memory regression gate; exit 1 on a violation."""
-    from bench import gate
+    from bench.gates import memory as gate
 
     p = Parser(prog=f"{PROG} gate", description=gate.__doc__,
                epilog=f"example:\n  {PROG} gate\n  {PROG} gate --device cuda   # on a GPU node",
@@ -228,8 +230,9 @@ def gate_main(argv) -> int:
 
 def peers_main(argv) -> int:
     """`python -m bench peers [options]`: unsharded, naive, keras-native and sharded in one report."""
-    from bench import cli, peers
-    from bench.scenarios import Scenario
+    from bench import cli
+    from bench.tools import peers
+    from bench.harness.scenarios import Scenario
 
     p = cli.make_parser(f"{PROG} peers")
     p.description = peers.__doc__
@@ -267,18 +270,26 @@ def _check_plan_json(argv) -> None:
                 cli.Parser(prog=f"{PROG} plan").error(problem)
 
 
+_TOOLS = {"speed": "bench.tools.speed", "first-step": "bench.tools.first_step",
+          "init-speed": "bench.tools.init_speed"}
+
+
 def _dispatch(argv) -> int:
+    if argv and argv[0] in _TOOLS:
+        import importlib
+
+        return importlib.import_module(_TOOLS[argv[0]]).main(argv[1:])
     if argv and argv[0] == "gate":
         return gate_main(argv[1:])
     if argv and argv[0] == "plan":
-        from bench import plan
+        from bench.tools import plan
 
         _check_plan_json(argv[1:])
         return plan.main(argv[1:])
     if argv and argv[0] == "peers":
         return peers_main(argv[1:])
     if argv and argv[0] == "compare-memory":
-        from bench import compare
+        from bench.gates import compare_memory as compare
 
         return compare.main(argv[1:])
     if argv and argv[0] == "run":

@@ -12,8 +12,8 @@ import argparse
 import math
 import os
 
-from bench.families import FAMILIES, HUB
-from bench.scenarios import MODES
+from bench.harness.families import FAMILIES, HUB
+from bench.harness.scenarios import MODES
 
 MiB = 1 << 20
 PROG = "python -m bench"
@@ -38,6 +38,12 @@ subcommands ({PROG} SUBCOMMAND --help for each one's options):
                     {PROG} gate
   compare-memory  gate per-rank peaks between two pytest-benchmark JSON files
                     {PROG} compare-memory bench-results/pb/base.json bench-results/pb/new.json
+  speed           train-step time against stock Keras, interleaved rounds
+                    {PROG} speed --families mlp,transformer --size-mib 64 --ranks 2
+  first-step      first-step and new-shape latency against stock Keras
+                    {PROG} first-step --families mlp,transformer
+  init-speed      rank 0's cost of shard-local initialization at N ranks
+                    {PROG} init-speed --ranks 1,16,256,1024
 
 examples:
   {PROG}                # the main job: {MAIN_JOB_SECONDS} on 2 idle cores
@@ -148,7 +154,7 @@ def make_parser(prog=PROG, description=None):
 
 
 def _meshes(text):
-    from bench.families import parse_mesh
+    from bench.harness.families import parse_mesh
 
     try:
         return tuple(parse_mesh(m) for m in text.split(",") if m) or (None,)

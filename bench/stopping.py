@@ -90,7 +90,7 @@ def start_forkserver() -> None:
 
     if launch._in_torchrun():
         return
-    launch._context()  # the preload list
+    launch.process_context()  # the preload list
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         forkserver.ensure_running()

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
-__all__ = ["run", "World", "RankResult", "STATUSES"]
+__all__ = ["run", "World", "RankResult", "STATUSES", "process_context"]
 
 STATUSES = ("ok", "oom", "error", "timeout")
 _CHILD_FLAG = "SHARDIMPL_LAUNCHED_RANK"
@@ -162,7 +162,9 @@ def _rank_main(rank, world, init_file, backend, device, timeout, in_q, out_q):
 _CTX = None
 
 
-def _context():
+def process_context():
+    """The forkserver context every rank starts from (torch, torch.distributed, shardimpl and,
+    with KERAS_BACKEND=torch, keras imported once): also for pools that should start like ranks."""
     global _CTX
     if _CTX is None:
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
@@ -270,7 +272,7 @@ class World:
         return self
 
     def _start(self) -> None:
-        ctx = _context()
+        ctx = process_context()
         self._workdir = tempfile.mkdtemp(prefix="shardimpl-rdzv-")
         procs: list = []
         self._finalizer = weakref.finalize(self, _cleanup, procs, self._workdir)

@@ -15,7 +15,7 @@ def _trained_model(sharded: bool):
     import keras
 
     import shardimpl
-    from bench import families
+    from bench.harness import families
 
     if sharded:
         shardimpl.install()

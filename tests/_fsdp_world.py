@@ -21,7 +21,7 @@ MiB = 1 << 20
 def _data(family, seed=5):
     import torch
 
-    from bench.families import BATCH, SEQ, dims_for, sample_batch
+    from bench.harness.families import BATCH, SEQ, dims_for, sample_batch
 
     x = np.concatenate([sample_batch(family, SIZE, seed=seed + i).numpy() for i in range(STEPS_DATA // BATCH)])
     dims = dims_for(family, SIZE)
@@ -41,7 +41,7 @@ def _set_2d(family):
     import keras
 
     import shardimpl
-    from bench.families import layout_map, model_mesh
+    from bench.harness.families import layout_map, model_mesh
 
     shardimpl.install()
     mesh = model_mesh(family, keras.distribution.list_devices(), MESH)
@@ -81,7 +81,7 @@ def fsdp_run(family):
     import keras
 
     import shardimpl.fsdp as fsdp
-    from bench.families import build_model, sample_batch
+    from bench.harness.families import build_model, sample_batch
     from shardimpl.keras.fsdp import gather_axis
     from shardimpl.keras.steps import data_axis
     from shardimpl.meters import PeakMeter
@@ -138,7 +138,7 @@ def reference_run(family, initial):
     """The same model, unsharded with stock Keras in one process, from the same weights."""
     import keras
 
-    from bench.families import build_model, sample_batch
+    from bench.harness.families import build_model, sample_batch
 
     keras.distribution.set_distribution(None)
     model = build_model(family, SIZE)

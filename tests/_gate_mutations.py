@@ -1,7 +1,7 @@
 """The gate's mutation kit: planted regressions of the creation path, applied inside the ranks.
 
 Each entry of `MUTATIONS` is a context manager (picklable by reference, so
-`bench.gate.run_gate_variants` can send it to the ranks) that patches
+`bench.gates.memory.run_gate_variants` can send it to the ranks) that patches
 `shardimpl.create.fill_local_shard` while the metered build runs and undoes
 the patch on exit, so that several variants can run one after another in the
 same ranks. Every one of them must make the gate fail; the clean tree must pass.
@@ -94,7 +94,7 @@ def bytes_buffer_held():
 def small_variable_full_copy():
     """Numpy full-then-slice for each variable smaller than the gate's budget only (the 8 MiB
     kernel, the biases): the budget cannot catch it, only a peak can."""
-    from bench import gate
+    from bench.gates import memory as gate
 
     budget = gate.BUDGET_FRACTION * gate.gate_model_bytes()
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from bench import compare, families
+from bench.gates import compare_memory as compare
+from bench.harness import families
 
 HAS_HUB = importlib.util.find_spec("keras_hub") is not None
 NEEDS_HUB = pytest.mark.skipif(not HAS_HUB, reason="keras-hub is not installed")
@@ -65,7 +66,7 @@ def test_compare_memory_gates_the_host_figure_with_factor_and_slack(tmp_path, ca
     def write(name, host):
         path = tmp_path / name
         path.write_text(json.dumps({"benchmarks": [
-            {"name": n, "fullname": f"bench/test_bench_pt.py::{n}",
+            {"name": n, "fullname": f"bench/suites/test_bench_pt.py::{n}",
              "extra_info": {"max_peak_bytes": 8 * MiB, "max_host_peak_bytes": h}} for n, h in host.items()]}))
         return str(path)
 
@@ -79,23 +80,31 @@ def test_compare_memory_gates_the_host_figure_with_factor_and_slack(tmp_path, ca
     assert compare.main([base, grown, "--host-slack-mib", "40"]) == 0
 
 
-def test_only_the_asv_suites_define_asv_benchmark_names():
-    """asv imports every module of bench/ and runs any module-level time_/track_/mem_/peakmem_
-    function as a benchmark: one that is not (a helper) fails every `asv run` (exit 2)."""
+def test_asv_discovers_only_the_suites_and_every_benchmark_name_there_is_meant():
+    """asv imports every module under its benchmark_dir and runs any module-level
+    time_/track_/mem_/peakmem_ function as a benchmark: it must point at bench/suites (the
+    harness, tools and report are no benchmarks), and there only classes may carry such names
+    (a module-level helper so named fails every `asv run`, exit 2)."""
     import importlib
+    import json
+    import os
     import pkgutil
 
-    import bench
+    from bench import suites
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "asv.conf.json")) as f:
+        assert json.load(f)["benchmark_dir"] == "bench/suites"
     prefixes = ("time_", "track_", "mem_", "peakmem_")
-    stray = []
-    for info in pkgutil.iter_modules(bench.__path__):
-        if info.name.startswith("bench_") or info.name.startswith("test_") or info.name == "__main__":
-            continue
-        module = importlib.import_module(f"bench.{info.name}")
-        stray += [f"bench.{info.name}.{name}" for name, value in vars(module).items()
+    stray, classes = [], []
+    for info in pkgutil.iter_modules(suites.__path__):
+        module = importlib.import_module(f"bench.suites.{info.name}")
+        stray += [f"{info.name}.{name}" for name, value in vars(module).items()
                   if name.startswith(prefixes) and callable(value)]
+        classes += [name for name, value in vars(module).items() if isinstance(value, type)
+                    and any(a.startswith(prefixes) for a in vars(value))]
     assert not stray, f"asv would run these as benchmarks: {stray}"
+    assert "ShardLocalInit" in classes and len(classes) >= 3, classes
 
 
 @pytest.mark.distributed

@@ -1,6 +1,6 @@
 """The CI memory gate: sharded builds stay near P/N on both meters, and the budget separates the modes.
 
-Thresholds live in `bench.gate` (documented there, from measured figures). The
+Thresholds live in `bench.gates.memory` (documented there, from measured figures). The
 mutation kit (`_gate_mutations.MUTATIONS`) plants regressions of the creation
 path inside the ranks; the clean tree and every mutation run in one world per
 N (one spawn each), and each mutation must fail the gate.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from _gate_mutations import MUTATIONS
-from bench import gate
+from bench.gates import memory as gate
 
 pytestmark = pytest.mark.distributed
 

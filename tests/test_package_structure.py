@@ -23,13 +23,13 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts)
 
 
-def _modules() -> dict[str, pathlib.Path]:
-    return {_module_name(p): p for p in PKG.rglob("*.py")}
+def _modules(pkg: pathlib.Path = PKG) -> dict[str, pathlib.Path]:
+    return {_module_name(p): p for p in pkg.rglob("*.py")}
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> shardimpl modules it imports, at top level or inside functions."""
-    modules = _modules()
+def import_graph(pkg: pathlib.Path = PKG) -> dict[str, set[str]]:
+    """Module -> modules of the same package it imports, at top level or inside functions."""
+    modules = _modules(pkg)
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -77,6 +77,35 @@ def test_no_import_cycles_among_shardimpl_modules_lazy_imports_included():
     graph = import_graph()
     assert "shardimpl.keras.patches" in graph and graph["shardimpl.keras.patches"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_no_import_cycles_among_bench_modules_lazy_imports_included():
+    graph = import_graph(ROOT / "bench")
+    assert "bench.report.plots" in graph and "bench.harness.scenarios" in graph
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_bench_layers_the_harness_and_the_report_depend_on_nothing_above_them():
+    """The harness (what is run) imports only the harness; the report (what is shown) reads rows
+    and imports only the report; gates, tools and suites sit above both."""
+    graph = import_graph(ROOT / "bench")
+    for layer in ("bench.harness", "bench.report"):
+        members = [m for m in graph if m.startswith(layer + ".")]
+        assert members, layer
+        outside = {m: sorted(t for t in graph[m] if not t.startswith(layer)) for m in members}
+        assert {m: t for m, t in outside.items() if t} == {}, layer
+
+
+def test_bench_uses_only_public_names_of_shardimpl():
+    """The harness measures what a user can call: no private shardimpl module or name."""
+    offenders = []
+    for name, path in _modules(ROOT / "bench").items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shardimpl"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private or any(part.startswith("_") for part in node.module.split(".")):
+                    offenders.append(f"{name}: from {node.module} import {', '.join(a.name for a in node.names)}")
+    assert offenders == []
 
 
 def test_the_cycle_finder_finds_a_planted_cycle():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import plan
-from bench.scenarios import Scenario, run_scenario
+from bench.tools import plan
+from bench.harness.scenarios import Scenario, run_scenario
 
 pytestmark = pytest.mark.distributed
 MiB = 1 << 20
@@ -66,7 +66,7 @@ def test_70b_on_a_128x8_mesh_plans_in_under_a_minute_near_p_over_n():
 
 
 def test_mesh_option_runs_1d_at_every_n_and_each_bxm_once():
-    from bench.families import parse_mesh
+    from bench.harness.families import parse_mesh
 
     assert plan._runs([8, 64], ["1d", "2x4", "128x8"]) == [(8, None), (64, None), (8, (2, 4)), (1024, (128, 8))]
     assert parse_mesh("128x8") == (128, 8) and parse_mesh(None) is None and parse_mesh("1d") is None
@@ -102,7 +102,7 @@ def test_keras_hub_families_predictions_match_measurement_within_5_percent(famil
 def test_keras_hub_parameter_counts_are_exact(family):
     import keras
 
-    from bench.families import build_model, exact_param_bytes
+    from bench.harness.families import build_model, exact_param_bytes
 
     keras.distribution.set_distribution(None)
     model = build_model(family, 2 * MiB)
@@ -111,7 +111,7 @@ def test_keras_hub_parameter_counts_are_exact(family):
 
 
 def test_published_presets_have_their_published_sizes():
-    from bench.families import exact_param_bytes
+    from bench.harness.families import exact_param_bytes
 
     billions = {p: exact_param_bytes(p.split("-")[0].replace("llama3", "llama"), p) / 4e9
                 for p in ("llama3-8b", "llama3-70b", "gemma-2b", "gemma-7b")}

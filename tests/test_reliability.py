@@ -338,7 +338,7 @@ def test_the_timeout_includes_start_up(private_tmp, monkeypatch):
 
 
 def test_a_world_whose_start_fails_leaves_nothing(private_tmp, monkeypatch):
-    real = launch._context()
+    real = launch.process_context()
     started = []
 
     class Context:
@@ -354,7 +354,7 @@ def test_a_world_whose_start_fails_leaves_nothing(private_tmp, monkeypatch):
             started.append(proc)
             return proc
 
-    monkeypatch.setattr(launch, "_context", lambda: Context())
+    monkeypatch.setattr(launch, "process_context", lambda: Context())
     begin = time.monotonic()
     with pytest.raises(OSError, match="cannot start rank 1"):
         launch.run(_launch_world.rank_and_world, 2, "t", timeout=60)

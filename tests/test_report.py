@@ -10,7 +10,9 @@ import subprocess
 import pytest
 
 from _report_rows import MiB, job_rows, meta
-from bench import html_report, plots, report
+from bench.report import html as html_report
+from bench.report import plots
+from bench.report import summary as report
 
 
 def test_verdict_is_the_headline_of_each_family():
@@ -135,17 +137,17 @@ def test_plots_are_written_with_peers_and_without_a_budget(tmp_path):
     for r in list(rows):  # naive coincides with stock Keras: both must stay visible
         if r["mode"] == "unsharded":
             rows.append({**r, "mode": "naive"})
-    paths = report.plot_scaling(rows, str(tmp_path), 48 * MiB)
+    paths = plots.plot_scaling(rows, str(tmp_path), 48 * MiB)
     assert [p.rsplit("/", 1)[1] for p in paths] == ["scaling_vs_ranks.png", "scaling_vs_size.png"]
     for p in paths:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "nobudget").mkdir()
-    assert len(report.plot_scaling(job_rows(budget_mib=None), str(tmp_path / "nobudget"))) == 2
+    assert len(plots.plot_scaling(job_rows(budget_mib=None), str(tmp_path / "nobudget"))) == 2
 
 
 def test_report_md_and_html_carry_verdicts_table_plots_and_meta(tmp_path):
     rows = job_rows()
-    paths = report.plot_scaling(rows, str(tmp_path), 48 * MiB)
+    paths = plots.plot_scaling(rows, str(tmp_path), 48 * MiB)
     report.write_report(str(tmp_path / "report.md"), meta(), rows, paths)
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# shardimpl scaling report\n\n- **mlp**: sharded per-rank build peak")
@@ -170,7 +172,7 @@ def test_html_report_renders_in_a_headless_browser(tmp_path):
     import matplotlib.image
 
     rows = job_rows(families=("mlp", "transformer"))
-    paths = report.plot_scaling(rows, str(tmp_path), 48 * MiB)
+    paths = plots.plot_scaling(rows, str(tmp_path), 48 * MiB)
     page = tmp_path / "report.html"
     html_report.write_html(str(page), meta(), rows, paths)
     shot = tmp_path / "shot.png"

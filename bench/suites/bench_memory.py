@@ -8,7 +8,7 @@ asv's ``peakmem_``. Two kinds of memory track:
   in every run of unchanged code: `asv continuous --factor 1.1` can gate it.
 * ``track_*_host_over_bound``: bytes by which the worst rank's host figure (the
   whole process, torch or not) exceeds the gate's host bound
-  (``PEAK_FACTOR x P/N + HOST_ALLOWANCE_BYTES``, `bench.gate`): 0 on a clean
+  (``PEAK_FACTOR x P/N + HOST_ALLOWANCE_BYTES``, `bench.gates.memory`): 0 on a clean
   tree, so any full-size host buffer, inside torch or not, reads as a
   regression from 0. ``track_host_*_peak`` records the raw host figure (page
   granular, about 1 MiB of run-to-run noise: graphs, not the gate).
@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # steadier times on a shared machine (bench/test_bench_pt.py)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # steadier times on a shared machine (bench/suites/test_bench_pt.py)
 
 FAMILIES = ["mlp", "transformer"]
 # The transformer's sharded train step fails today (shardimpl/embedding.py's backward hands
@@ -48,7 +48,7 @@ def _worst(rows, phase, key="peak_bytes"):
 
 
 def _host_over_bound(rows, phase="build"):
-    from bench.gate import HOST_ALLOWANCE_BYTES, PEAK_FACTOR
+    from bench.gates.memory import HOST_ALLOWANCE_BYTES, PEAK_FACTOR
 
     bound = PEAK_FACTOR * rows[0]["ideal_bytes"] + HOST_ALLOWANCE_BYTES
     return max(0.0, _worst(rows, phase, "host_peak_bytes") - bound)
@@ -62,7 +62,7 @@ class ModelBuildMemory:
     timeout = 1200
 
     def setup_cache(self):
-        from bench.scenarios import Scenario, rows_for, run_scenario
+        from bench.harness.scenarios import Scenario, rows_for, run_scenario
 
         cache = {}
         for family in FAMILIES:
@@ -107,7 +107,7 @@ class TrainStepMemory:
     timeout = 1200
 
     def setup_cache(self):
-        from bench.scenarios import Scenario, rows_for, run_scenario
+        from bench.harness.scenarios import Scenario, rows_for, run_scenario
 
         cache = {}
         for family in STEP_FAMILIES:
@@ -136,7 +136,7 @@ class DistributeGather:
     repeat = (1, 5, 30.0)
 
     def setup(self, size_mib, ranks):
-        from bench import ops
+        from bench.harness import ops
         from shardimpl import launch
 
         self.world = launch.World(ranks, timeout=120).start()
@@ -148,25 +148,25 @@ class DistributeGather:
         self.world.close()
 
     def time_distribute(self, size_mib, ranks):
-        from bench import ops
+        from bench.harness import ops
 
         self.world.run(ops.distribute_once, size_mib)
 
     def time_gather_to_rank0(self, size_mib, ranks):
-        from bench import ops
+        from bench.harness import ops
 
         self.world.run(ops.gather_once, size_mib)
 
     def track_distribute_peak(self, size_mib, ranks):
-        from bench import ops
+        from bench.harness import ops
 
         return max(r.value["peak_bytes"] for r in self.world.run(ops.distribute_once, size_mib))
 
     track_distribute_peak.unit = "bytes"
 
     def track_distribute_host_over_bound(self, size_mib, ranks):
-        from bench import ops
-        from bench.gate import HOST_ALLOWANCE_BYTES, PEAK_FACTOR
+        from bench.harness import ops
+        from bench.gates.memory import HOST_ALLOWANCE_BYTES, PEAK_FACTOR
 
         rows = self.world.run(ops.distribute_once, size_mib)
         bound = PEAK_FACTOR * (size_mib * MiB) / ranks + HOST_ALLOWANCE_BYTES

@@ -188,7 +188,7 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.report import summarize
+    from bench.report.summary import summarize
 
     measured, budgeted = _points(summarize(rows))
     keys = set(measured) | set(budgeted)

@@ -9,7 +9,7 @@ benchmark of the baseline,
 * its host peak (``extra_info.max_host_peak_bytes``: the whole process, torch
   or not; page-granular and within about 1 MiB from run to run) grew by more
   than ``--factor`` plus ``--host-slack-mib`` (default: the gate's host
-  allowance, 3 MiB, see `bench.gate`);
+  allowance, 3 MiB, see `bench.gates.memory`);
 * it is missing from the current run.
 
 A baseline without host figures (made before they existed) is compared on the
@@ -53,7 +53,7 @@ def compare_peaks(baseline: dict, current: dict, factor: float, *, slack_bytes: 
 
 
 def main(argv=None) -> int:
-    from bench.gate import HOST_ALLOWANCE_BYTES
+    from bench.gates.memory import HOST_ALLOWANCE_BYTES
 
     p = argparse.ArgumentParser(prog="python -m bench compare-memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,6 +1,6 @@
 """First-step and new-shape latency of sharded training against stock Keras, in one run.
 
-`python -m bench.first_step [--families mlp,transformer,gemma,llama] [--size-mib 4] [--ranks 2]`
+`python -m bench first-step [--families mlp,transformer,gemma,llama] [--size-mib 4] [--ranks 2]`
 
 For each family: stock Keras in one process, then shardimpl on N ranks with the
 family's LayoutMap, both compiled with SGD and MSE. Each runs ``train_on_batch``
@@ -26,7 +26,7 @@ MiB = 1 << 20
 
 
 def _batch(family, size, rows):
-    from bench.families import HUB, sample_batch
+    from bench.harness.families import HUB, sample_batch
 
     batch = sample_batch(family, size)
     if family in HUB:
@@ -38,7 +38,7 @@ def measure_steps(family: str, size: int, sharded: bool, steps: int) -> dict:
     import keras
     import numpy as np
 
-    from bench.families import build_model, layout_map, model_mesh
+    from bench.harness.families import build_model, layout_map, model_mesh
 
     if sharded:
         import shardimpl
@@ -90,7 +90,7 @@ def _fmt(r):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.first_step", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench first-step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default="mlp,transformer,gemma,llama")
     p.add_argument("--size-mib", type=float, default=4.0)

@@ -26,7 +26,7 @@ __all__ = ["FAMILIES", "HUB", "build_model", "layout_map", "dims_for", "sample_b
            "model_mesh", "parse_mesh", "mesh_label"]
 
 FAMILIES = ("mlp", "transformer", "gemma", "llama")
-HUB = ("gemma", "llama")  # keras-hub backbones (bench.hub_families); need keras-hub installed
+HUB = ("gemma", "llama")  # keras-hub backbones (bench.harness.hub_families); need keras-hub installed
 DEPTH = 4
 BLOCKS = 2
 HEADS = 4
@@ -53,10 +53,10 @@ def dims_for(family: str, param_bytes: int, itemsize: int = 4) -> dict:
 def exact_param_bytes(family: str, param_bytes: int, itemsize: int = 4) -> int:
     """The exact parameter bytes `build_model` creates for the knob ``param_bytes`` (no build).
 
-    For keras-hub families ``param_bytes`` may be a preset name (``bench.hub_families.PRESETS``).
+    For keras-hub families ``param_bytes`` may be a preset name (``bench.harness.hub_families.PRESETS``).
     """
     if family in HUB:
-        from bench.hub_families import hub_config, hub_param_count
+        from bench.harness.hub_families import hub_config, hub_param_count
 
         return hub_param_count(family, hub_config(family, param_bytes)) * itemsize
     dims = dims_for(family, param_bytes, itemsize)
@@ -73,7 +73,7 @@ def build_model(family: str, param_bytes: int):
     import keras
 
     if family in HUB:
-        from bench.hub_families import build_hub_model
+        from bench.harness.hub_families import build_hub_model
 
         return build_hub_model(family, param_bytes)
     dims = dims_for(family, param_bytes)
@@ -111,7 +111,7 @@ def layout_map(family: str, mesh, param_bytes: int | None = None):
     import keras
 
     if family in HUB:
-        from bench.hub_families import hub_layout_map
+        from bench.harness.hub_families import hub_layout_map
 
         return hub_layout_map(family, mesh)
     if _batch_ranks(mesh) > 1:
@@ -232,7 +232,7 @@ def sample_batch(family: str, param_bytes: int, seed: int = 0):
     import torch
 
     if family in HUB:
-        from bench.hub_families import hub_sample_batch
+        from bench.harness.hub_families import hub_sample_batch
 
         return hub_sample_batch(family, param_bytes, BATCH, SEQ, seed)
     g = torch.Generator().manual_seed(seed)

@@ -12,8 +12,8 @@ Three implementations are timed on the same shard, interleaved repeat by repeat:
 
 Run from the repository root (about a minute on 2 cores)::
 
-    PYTHONPATH=. KERAS_BACKEND=torch python -m bench.bench_init
-    PYTHONPATH=. KERAS_BACKEND=torch python -m bench.bench_init --ranks 1,16,256,1024 \\
+    PYTHONPATH=. KERAS_BACKEND=torch python -m bench init-speed
+    PYTHONPATH=. KERAS_BACKEND=torch python -m bench init-speed --ranks 1,16,256,1024 \\
         --repeats 9 --threads 1 --json bench-results/init.json
 
 It prints a Markdown table (min and median ms over the repeats, after / uniform_ and
@@ -21,7 +21,7 @@ before / after from the same run) and optionally writes it as JSON with versions
 and hardware. ``--threads`` defaults to 1: a rank of a multi-rank world on a small
 host gets one intra-op thread (`shardimpl.launch` sets cpu_count // N).
 
-asv runs `ShardLocalInit` below (the ``after`` column only).
+asv runs `bench/suites/bench_init.py::ShardLocalInit` (the ``after`` column only).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def rank0_bounds(n: int, dim: int, shape=SHAPE):
 
 def load_module_at(rev: str, path: str = "shardimpl/initializers.py", name: str = "_initializers_before"):
     """``path`` as it was at git revision ``rev``, imported as a fresh module."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     source = subprocess.run(["git", "-C", root, "show", f"{rev}:{path}"], check=True,
                             capture_output=True, text=True).stdout
     tmp = tempfile.NamedTemporaryFile("w", suffix=".py", prefix=name, delete=False)
@@ -73,7 +73,7 @@ def load_module_at(rev: str, path: str = "shardimpl/initializers.py", name: str 
     return module
 
 
-def _initializer(name: str):
+def initializer_by_name(name: str):
     from keras import initializers
 
     return getattr(initializers, name)(seed=1)
@@ -90,7 +90,7 @@ def make_cases(ranks, impls: dict):
             for init_name in INITIALIZERS:
                 key = (init_name, layout, n)
                 for impl_name, module in impls.items():
-                    spec = module.spec_from_initializer(_initializer(init_name), SHAPE)
+                    spec = module.spec_frominitializer_by_name(initializer_by_name(init_name), SHAPE)
                     cases.append((key, impl_name, _thunk(module, spec, offsets, sizes)))
                 limit = 1.0
 
@@ -171,7 +171,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench init-speed", description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
@@ -195,30 +195,6 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return 0
-
-
-class ShardLocalInit:
-    """asv: rank 0's shard of a 4096 x 4096 kernel, row or column sharded, N ranks."""
-
-    params = (INITIALIZERS, list(LAYOUTS), RANKS)
-    param_names = ["initializer", "layout", "ranks"]
-    timeout = 120
-
-    def setup(self, initializer, layout, ranks):
-        import torch
-
-        from shardimpl import initializers
-
-        torch.set_num_threads(1)
-        self.offsets, self.sizes = rank0_bounds(ranks, LAYOUTS[layout])
-        self.spec = initializers.spec_from_initializer(_initializer(initializer), SHAPE)
-
-    def time_fill_local_shard(self, initializer, layout, ranks):
-        import torch
-
-        from shardimpl.initializers import fill_local_shard
-
-        fill_local_shard(self.spec, SHAPE, self.offsets, self.sizes, dtype=torch.float32, device="cpu")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train-step speed of shardimpl against stock Keras, interleaved repeats in one run.
 
-`python -m bench.speed [--families mlp,transformer] [--size-mib 64] [--ranks 2] [--repeats 3]`
+`python -m bench speed [--families mlp,transformer] [--size-mib 64] [--ranks 2] [--repeats 3]`
 
 Each repeat runs stock Keras in one process, then shardimpl on N ranks (the
 family's LayoutMap), alternately, so machine load hits both alike. In each run
@@ -53,7 +53,7 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
     import keras
     import numpy as np
 
-    from bench.families import BATCH, build_model, layout_map, model_mesh, sample_batch
+    from bench.harness.families import BATCH, build_model, layout_map, model_mesh, sample_batch
 
     _ordinary_malloc()
     if sharded:
@@ -130,7 +130,7 @@ def summary(samples) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default="mlp,transformer")
     p.add_argument("--size-mib", type=float, default=64.0)

@@ -4,7 +4,7 @@ Modes:
 * ``unsharded``: stock Keras, no distribution: every rank builds the whole model.
 * ``sharded``: `shardimpl.install()` + `ModelParallel` with the family's LayoutMap.
 * ``naive``: as sharded, but each variable is built whole on the host first
-  (`bench.peers.naive_distribute_variable`).
+  (`bench.harness.naive.naive_distribute_variable`).
 * ``keras-native``: keras-nightly's own torch ModelParallel (no shardimpl hook);
   needs keras-nightly in the environment (`python -m bench peers` makes one).
 
@@ -23,7 +23,7 @@ figure's resident view only (``trace_python=False``): tracing Python's
 allocations makes a Python-heavy build 1.5 to 3.6 times slower (measured on 1 MiB
 models), which ``init_seconds`` would include. Memory that is
 allocated and never written (an untouched ``np.empty``) is therefore not in
-these rows' host figure; the gate (`bench.gate`) reads both views.
+these rows' host figure; the gate (`bench.gates.memory`) reads both views.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Scenario:
 def _model_mesh(device: str, family: str = "mlp", mesh=None):
     import keras
 
-    from bench.families import model_mesh
+    from bench.harness.families import model_mesh
 
     devices = keras.distribution.list_devices("gpu" if device == "cuda" else "cpu")
     return model_mesh(family, devices, mesh)
@@ -65,7 +65,7 @@ def _distribution(scenario: Scenario):
     import keras
 
     import shardimpl
-    from bench.families import layout_map
+    from bench.harness.families import layout_map
 
     if scenario.mode == "unsharded":
         keras.distribution.set_distribution(None)  # stock Keras (a torchrun rank runs many scenarios)
@@ -79,7 +79,7 @@ def _distribution(scenario: Scenario):
     else:
         shardimpl.install()
     if scenario.mode == "naive":
-        from bench.peers import use_naive_creation
+        from bench.harness.naive import use_naive_creation
 
         use_naive_creation()
     mesh = _model_mesh(scenario.device, scenario.family, scenario.mesh)
@@ -171,7 +171,7 @@ def measure_rank(scenario: Scenario) -> dict:
     import torch
     import torch.distributed as dist
 
-    from bench.families import build_model, sample_batch
+    from bench.harness.families import build_model, sample_batch
     from shardimpl.budgets import budget, is_oom, warm_thread_pools
     from shardimpl.meters import PeakMeter
 
@@ -225,7 +225,7 @@ def run_scenario(scenario: Scenario, *, timeout: float = 300.0):
 
 def rows_for(scenario: Scenario, launched) -> list[dict]:
     """results.json rows: one per rank per phase ("build", "step")."""
-    from bench.families import exact_param_bytes, mesh_label
+    from bench.harness.families import exact_param_bytes, mesh_label
 
     rows = []
     for r in launched:

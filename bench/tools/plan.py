@@ -76,9 +76,9 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True, mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import shardimpl
-    from bench.families import (build_model, exact_param_bytes, layout_map, mesh_label, model_mesh, parse_mesh,
+    from bench.harness.families import (build_model, exact_param_bytes, layout_map, mesh_label, model_mesh, parse_mesh,
                                 sample_batch)
-    from bench.scenarios import _train_step
+    from bench.harness.scenarios import _train_step
     from shardimpl.fsdp import stats as fsdp_stats
     from shardimpl.mesh import to_torch_mesh
     from shardimpl.meters import PeakMeter
@@ -144,7 +144,7 @@ def step_bound(row) -> int | None:
 
 def _forward_kept_bytes(model, batch) -> int:
     """Bytes a forward leaves alive for its backward (activations; gathered weights are tokens)."""
-    from bench.scenarios import _to_device
+    from bench.harness.scenarios import _to_device
     from shardimpl.meters import PeakMeter
 
     with PeakMeter("cpu") as meter:
@@ -161,8 +161,8 @@ def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=No
     ``mesh``: None for the family's 1-D mesh, or (B, M) / 'BxM' for a ("batch", "model") mesh
     (then ``ranks_list`` may be omitted or must be [B x M]).
     """
-    from bench.families import parse_mesh
-    from shardimpl.launch import _context
+    from bench.harness.families import parse_mesh
+    from shardimpl.launch import process_context
 
     shape = parse_mesh(mesh)
     if shape is not None:
@@ -175,7 +175,7 @@ def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=No
         if log:
             label = f" mesh {shape[0]}x{shape[1]}" if shape else ""
             print(f"plan: {family} N={n}{label} ...", end="", flush=True, file=log)
-        with ProcessPoolExecutor(1, mp_context=_context(), max_tasks_per_child=1) as pool:
+        with ProcessPoolExecutor(1, mp_context=process_context(), max_tasks_per_child=1) as pool:
             row = pool.submit(plan_rank, family, param_bytes, n, step, shape).result()
         rows.append(row)
         if log:
@@ -220,7 +220,7 @@ def table(rows) -> str:
 
 def _runs(ranks, meshes):
     """(N, mesh) pairs: '1d' runs every N of ``ranks``; 'BxM' runs N = B x M."""
-    from bench.families import parse_mesh
+    from bench.harness.families import parse_mesh
 
     runs = []
     for m in meshes:
@@ -233,9 +233,9 @@ def _runs(ranks, meshes):
 
 
 def main(argv=None) -> int:
-    from bench import report
-    from bench.families import FAMILIES
-    from bench.hub_families import PRESETS
+    from bench.report import summary as report
+    from bench.harness.families import FAMILIES
+    from bench.harness.hub_families import PRESETS
 
     p = argparse.ArgumentParser(prog="python -m bench plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

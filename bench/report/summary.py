@@ -5,7 +5,7 @@
 * `verdicts`: per family, one headline sentence (sharded vs P/N, stock Keras per rank, who fits
   under the budget).
 * `table` (aligned text for the terminal), `markdown_table`, `write_results`, `write_report`;
-  `bench.html` writes the same report as one self-contained HTML file, `bench.plots` the plots.
+  `bench.report.html` writes the same report as one self-contained HTML file, `bench.report.plots` the plots.
 
 Optional per-row fields (``host_peak_bytes``, ``step_seconds``, ``steps_per_second``) get a
 column when some row has them and no column when none does.
@@ -19,7 +19,7 @@ import platform
 from collections import defaultdict
 
 __all__ = ["meta", "summarize", "verdicts", "columns", "table", "markdown_table", "write_results",
-           "write_report", "plot_scaling", "DEFINITIONS", "MODE_NAMES"]
+           "write_report", "DEFINITIONS", "MODE_NAMES"]
 
 MiB = float(1 << 20)
 
@@ -39,7 +39,7 @@ DEFINITIONS = (
     "(the main job steps at its largest size only, unless --step-every-size). step s = the median of three "
     "unmetered train steps after the metered one, worst rank; steps/s = those three steps per second of "
     "their total time, in ranks that take large blocks from mmap (for the budgets: slower for both modes; "
-    "python -m bench.speed times steps as a plain process runs them). Stock Keras at N > 1 is N processes "
+    "python -m bench speed times steps as a plain process runs them). Stock Keras at N > 1 is N processes "
     "each stepping the whole model on the same cores."
 )
 
@@ -383,10 +383,3 @@ def write_report(path, meta_: dict, rows, plots=()) -> None:
     lines += [markdown_table(rows), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
-
-
-def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
-    """scaling_vs_ranks.png and scaling_vs_size.png (see `bench.plots`)."""
-    from bench import plots
-
-    return plots.plot_scaling(rows, out_dir, budget_bytes)

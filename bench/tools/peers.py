@@ -1,9 +1,7 @@
-"""Peers measured in the same run: the naive fix and keras-nightly's own ModelParallel.
+"""Peers measured in the same run (`python -m bench peers`).
 
-* ``naive`` — the obvious fix: build each full variable with stock Keras on the
-  host, keep this rank's slice, free the rest. It runs through shardimpl's
-  Keras hook with the creation step swapped for `naive_distribute_variable`,
-  so training, gathering and saving are identical and only creation differs.
+* ``naive`` (a harness mode, `bench.harness.naive`): each full variable built on the host,
+  then sliced.
 * ``keras-native`` — keras-nightly 3.16's torch ModelParallel as shipped (it
   builds each full variable, then scatters it with DTensor). keras-nightly and
   keras cannot share an environment: `run_keras_native` runs the same
@@ -19,41 +17,15 @@ import subprocess
 import sys
 import tempfile
 
-__all__ = ["naive_distribute_variable", "use_naive_creation", "ensure_nightly_venv", "run_keras_native"]
+__all__ = ["ensure_nightly_venv", "run_keras_native"]
 
 NIGHTLY_PACKAGES = ["keras-nightly", "numpy", "psutil", "h5py", "matplotlib"]
-
-
-def naive_distribute_variable(value, layout, *, shape=None, dtype=None, name=None):
-    """Full tensor on the host with stock Keras, then this rank's slice; the full tensor is freed."""
-    import keras
-    import torch
-
-    from shardimpl import create
-
-    if isinstance(value, (str, dict)) or callable(value) and not isinstance(value, torch.Tensor):
-        init = keras.initializers.get(value) if isinstance(value, (str, dict)) else value
-        with keras.device("cpu"):
-            full = init(tuple(shape), dtype=dtype)
-        out = create._original_distribute_variable(torch.as_tensor(full), layout, dtype=dtype, name=name)
-        del full
-        return out
-    return create._original_distribute_variable(value, layout, shape=shape, dtype=dtype, name=name)
-
-
-def use_naive_creation() -> None:
-    """Swap shardimpl's creation step for the naive one in this process (a rank of mode "naive")."""
-    from shardimpl import create
-
-    if not hasattr(create, "_original_distribute_variable"):
-        create._original_distribute_variable = create.distribute_variable
-    create.distribute_variable = naive_distribute_variable
 
 
 def ensure_nightly_venv(path: str, *, log=sys.stderr) -> str:
     """Create (or reuse) a virtualenv with torch==2.13.0, keras-nightly and this project; its python."""
     python = os.path.join(path, "bin", "python")
-    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     steps = []
     if not os.path.exists(python):
         steps.append([sys.executable, "-m", "venv", path])
@@ -73,7 +45,7 @@ def ensure_nightly_venv(path: str, *, log=sys.stderr) -> str:
 
 
 def _error_rows(scenarios, message):
-    from bench.families import exact_param_bytes
+    from bench.harness.families import exact_param_bytes
 
     rows = []
     for s in scenarios:

@@ -20,8 +20,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 # which no time gate can tell from a regression. The ranks read it when they start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench import ops  # noqa: E402
-from bench.gate import HOST_ALLOWANCE_BYTES  # noqa: E402
+from bench.harness import ops  # noqa: E402
+from bench.gates.memory import HOST_ALLOWANCE_BYTES  # noqa: E402
 from shardimpl import launch  # noqa: E402
 
 SIZES_MIB = [16, 64]

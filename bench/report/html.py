@@ -11,7 +11,7 @@ import base64
 import html
 import os
 
-from bench import report
+from bench.report import summary as report
 
 __all__ = ["render", "write_html"]
 

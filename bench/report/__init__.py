@@ -1,0 +1,1 @@
+"""What is shown: results as data, the table and verdicts (summary), the plots, report.html."""
