@@ -45,13 +45,15 @@ def scenarios_for(args, budget):
     from bench.harness.scenarios import Scenario
 
     meshes = getattr(args, "mesh", (None,))
-    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size), mesh=mesh)
+    train = args.train
+    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size), mesh=mesh, train=train)
            for n in args.ranks for mode in args.modes
            for mesh in (meshes if mode in ("sharded", "naive") else (None,))  # BxM: where B x M = N
            if mesh is None or mesh[0] * mesh[1] == n
            for fam in args.families for size in args.sizes]
     if budget:
-        out += [Scenario(fam, max(args.sizes) * MiB, n, mode, device=args.device, budget_bytes=budget, step=False)
+        out += [Scenario(fam, max(args.sizes) * MiB, n, mode, device=args.device, budget_bytes=budget, step=False,
+                         train=train)
                 for n in args.ranks for mode in args.modes for fam in args.families]
     return out
 
@@ -143,7 +145,8 @@ def write_all(args, rows, budget, extra=None) -> int:
     meta = report.meta(device=args.device, budget_bytes=budget, extra={
         "command": " ".join([PROG] + [shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])]),
         "started": _STARTED, "load_average_start": _LOAD_START, "load_average": list(os.getloadavg()),
-        "wall_seconds": time.perf_counter() - _START, **(extra or {})})
+        "wall_seconds": time.perf_counter() - _START,
+        "train_step": args.train.as_row() if getattr(args, "train", None) else None, **(extra or {})})
     path = os.path.join
     report.write_results(path(args.out, "results.json"), meta, rows)
     report.write_report(path(args.out, "report.md"), meta, rows, plots)
@@ -247,7 +250,7 @@ def peers_main(argv) -> int:
     budget = budget_bytes(args.budget, args.sizes)
     _prepare_process()
     rows, _ = collect_rows(args, budget)
-    scenarios = [Scenario(f, s * MiB, n, "keras-native", device=args.device, budget_bytes=budget,
+    scenarios = [Scenario(f, s * MiB, n, "keras-native", device=args.device, budget_bytes=budget, train=args.train,
                           step=_step_at(args, s))
                  for f in args.families for s in args.sizes for n in args.ranks]
     native_rows, native_meta = peers.run_keras_native(args, scenarios, args.venv)
@@ -285,6 +288,7 @@ def _dispatch(argv) -> int:
         from bench.tools import plan
 
         _check_plan_json(argv[1:])
+        os.environ.setdefault("TORCH_LOGS", "-dtensor")  # torch's alltoall notice, once per planned N
         return plan.main(argv[1:])
     if argv and argv[0] == "peers":
         return peers_main(argv[1:])

@@ -150,7 +150,49 @@ def make_parser(prog=PROG, description=None):
                    help="meshes for the sharded modes: 1d (the family's own) and/or BxM, a (\"batch\", "
                         "\"model\") mesh of B x M ranks run where B x M is in --ranks (default: 1d; "
                         "e.g. --mesh 1d,2x2)")
+    from bench.harness.training import DEFAULT
+
+    return add_train_options(p, DEFAULT)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, e.g. 8. Received: {text!r}")
+    return value
+
+
+def add_train_options(p, defaults, *, batch_default_text=None):
+    """--optimizer, --precision, --remat, --seq, --batch: the train step measured
+    (`bench.harness.training.TrainConfig`); ``defaults`` is a TrainConfig."""
+    from bench.harness.training import OPTIMIZERS, PRECISIONS, REMATS
+
+    g = p.add_argument_group("the train step (Keras' own: compile + train_step)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
+                   help=f"sgd: SGD with momentum 0.9; adamw: AdamW (default: {defaults.optimizer})")
+    g.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                   help="Keras dtype policy: float32; mixed_bfloat16 (float32 variables, bfloat16 compute); "
+                        f"bfloat16 (bfloat16 variables) (default: {defaults.precision})")
+    g.add_argument("--remat", choices=REMATS, default=defaults.remat,
+                   help="full: every block recomputed in backward, keeping only its input "
+                        f"(keras.RematScope) (default: {defaults.remat})")
+    g.add_argument("--seq", type=_positive_int, default=defaults.seq, metavar="N",
+                   help=f"tokens per sequence, transformer and keras-hub families (default: {defaults.seq})")
+    g.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+                   help="global batch, split over the data axis of a BxM mesh, whole on every rank of a "
+                        f"1-D mesh (default: {batch_default_text or defaults.batch})")
     return p
+
+
+def train_config(args, *, batch=None):
+    """The TrainConfig of parsed options (``batch`` when --batch was not given)."""
+    from bench.harness.training import TrainConfig
+
+    return TrainConfig(optimizer=args.optimizer, precision=args.precision, remat=args.remat, seq=args.seq,
+                       batch=args.batch or batch or TrainConfig().batch)
 
 
 def _meshes(text):
@@ -222,6 +264,7 @@ def parse_args(argv, *, parser=None, out_default="bench-results", modes_default=
     problem = check_out(args.out)
     if problem:
         p.error(problem)
+    args.train = train_config(args)
     return args
 
 

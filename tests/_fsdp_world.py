@@ -13,28 +13,26 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import numpy as np
 
 MESH = (2, 2)
-SIZE = 1 << 20  # 1 MiB of parameters: mlp width 256; transformer d_model 80, vocab 1280
+SIZE = 1 << 20  # 1 MiB of parameters: mlp width 256; transformer d_model 56, 2 blocks, vocab 1752
 STEPS_DATA = 32  # samples: 4 global batches of 8
+SEQ = 16  # tokens per sequence (the harness' default is longer; the checks need no more)
 MiB = 1 << 20
 
 
 def _data(family, seed=5):
-    import torch
+    from bench.harness.families import BATCH, sample_batch, sample_targets
 
-    from bench.harness.families import BATCH, SEQ, dims_for, sample_batch
-
-    x = np.concatenate([sample_batch(family, SIZE, seed=seed + i).numpy() for i in range(STEPS_DATA // BATCH)])
-    dims = dims_for(family, SIZE)
-    width = dims.get("width") or dims["d_model"]
-    shape = (STEPS_DATA, width) if family == "mlp" else (STEPS_DATA, SEQ, width)
-    y = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy() * 0.1
+    parts = range(STEPS_DATA // BATCH)
+    x = np.concatenate([sample_batch(family, SIZE, seed + i, seq=SEQ).numpy() for i in parts])
+    y = np.concatenate([sample_targets(family, SIZE, seed + i, seq=SEQ).numpy() for i in parts])
     return x, y
 
 
-def _compile(model):
+def _compile(model, family):
     import keras
 
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+    loss = "mse" if family == "mlp" else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=loss)
 
 
 def _set_2d(family):
@@ -88,7 +86,7 @@ def fsdp_run(family):
 
     dist = _set_2d(family)
     keras.utils.set_random_seed(11)
-    model = build_model(family, SIZE)
+    model = build_model(family, SIZE, seq=SEQ)
     initial = model.get_weights()
     out = {"initial": initial, "data_axis": data_axis(dist), "placements": _placements(model)}
     # Split along "batch" on a dim of their own: gathered while their layer runs (embedding
@@ -97,7 +95,7 @@ def fsdp_run(family):
                              if gather_axis(v.value, dist) is not None and not v.path.endswith("embeddings"))
 
     # The custom loop first (no optimizer state yet): gradients land in the variables' layouts.
-    batch = sample_batch(family, SIZE, seed=1)
+    batch = sample_batch(family, SIZE, 1, seq=SEQ)
     before = fsdp.stats().forward, fsdp.stats().backward, fsdp.stats().tokens
     out["loop_loss"], out["grads"], out["grad_layouts_kept"] = _grads(model, family, batch)
     after = fsdp.stats().forward, fsdp.stats().backward, fsdp.stats().tokens
@@ -124,7 +122,7 @@ def fsdp_run(family):
 
 def _fit_from(model, family, initial) -> dict:
     """Compile, reset to ``initial``, fit two epochs, evaluate, predict, read the weights."""
-    _compile(model)
+    _compile(model, family)
     model.set_weights(initial)
     x, y = _data(family)
     hist = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
@@ -141,9 +139,9 @@ def reference_run(family, initial):
     from bench.harness.families import build_model, sample_batch
 
     keras.distribution.set_distribution(None)
-    model = build_model(family, SIZE)
+    model = build_model(family, SIZE, seq=SEQ)
     model.set_weights(initial)
-    batch = sample_batch(family, SIZE, seed=1)
+    batch = sample_batch(family, SIZE, 1, seq=SEQ)
     out = {}
     out["loop_loss"], out["grads"], _ = _grads(model, family, batch)
     out.update(_fit_from(model, family, initial))

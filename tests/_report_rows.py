@@ -5,9 +5,13 @@ from __future__ import annotations
 MiB = 1 << 20
 
 
+TRAIN = {"optimizer": "adamw", "precision": "float32", "remat": "none", "seq": 128, "batch": 8}
+STATE = 4  # AdamW in float32: weights + gradients + two moments = 4 x P
+
+
 def _peak(mode, p, n, phase):
     if phase == "step":
-        return 2 * p if mode == "unsharded" else 2 * p // n + 64 * 1024
+        return STATE * p if mode == "unsharded" else STATE * p // n + 64 * 1024
     return int(1.5 * p) if mode == "unsharded" else p // n + MiB
 
 
@@ -21,7 +25,8 @@ def job_rows(*, families=("mlp",), sizes_mib=(16, 64), ranks=(1, 2, 4), budget_m
     def add(fam, p, n, mode, budget, phases):
         oom = bool(budget) and _peak(mode, p, n, "build") > budget
         for rank in range(n):
-            base = {"family": fam, "param_bytes": p, "ranks": n, "rank": rank, "mode": mode, "device": "cpu",
+            base = {"family": fam, "param_bytes": p, "params": p // 4, "ranks": n, "rank": rank, "mode": mode,
+                    "device": "cpu", **TRAIN,
                     "budget_bytes": budget, "status": "oom" if oom else "ok", "oom": oom,
                     "error": "DefaultCPUAllocator: can't allocate memory" if oom else None,
                     "init_seconds": None if oom else 0.1 * (rank + 1),
@@ -29,7 +34,7 @@ def job_rows(*, families=("mlp",), sizes_mib=(16, 64), ranks=(1, 2, 4), budget_m
                     "local_bytes": None if oom else p // n}
             for phase in phases:
                 row = {**base, "phase": phase, "peak_bytes": None if oom else _peak(mode, p, n, phase),
-                       "ideal_bytes": (2 if phase == "step" else 1) * p / n}
+                       "ideal_bytes": (STATE if phase == "step" else 1) * p / n}
                 if extra:
                     row.update(extra(row))
                 rows.append(row)

@@ -25,10 +25,39 @@ def test_exact_param_bytes_equals_the_built_model(family, size_mib):
     assert 0.8 < built / (size_mib << 20) < 1.25
 
 
-def test_transformer_embedding_is_its_largest_variable():
-    model = families.build_model("transformer", 4 << 20)
-    largest = max(model.weights, key=lambda v: v.value.numel())
-    assert "token_embedding" in largest.path
+def test_transformer_is_llama_shaped_rmsnorm_gqa_swiglu_untied_head_no_biases():
+    import keras
+
+    model = families.build_model("transformer", 4 << 20, seq=16)
+    dims = families.dims_for("transformer", 4 << 20)
+    sizes = sorted(((v.value.numel(), v.path) for v in model.weights), reverse=True)
+    assert {sizes[0][1], sizes[1][1]} == {"token_embedding/embeddings", "lm_head/kernel"}  # untied
+    blocks = [layer for layer in model.layers if layer.name.startswith("block")]
+    assert len(blocks) == dims["layers"] >= 2
+    attn = blocks[0].attn
+    assert isinstance(attn, keras.layers.GroupQueryAttention)
+    assert attn.num_key_value_heads < attn.num_query_heads == dims["heads"]
+    assert isinstance(blocks[0].norm1, keras.layers.RMSNormalization)
+    assert blocks[0].mlp_gate.activation is keras.activations.silu and blocks[0].mlp_up.units == dims["ffn"]
+    assert not any(v.path.endswith("bias") for v in model.weights)
+    assert tuple(model.output.shape) == (8, 16, dims["vocab"])
+
+
+@pytest.mark.parametrize("params, shape, billions", [
+    (8e9, dict(d_model=4096, layers=32, ffn=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256), 8.03),
+    (70e9, dict(d_model=8192, layers=80, ffn=28672, heads=64, kv_heads=8, head_dim=128, vocab=128256), 70.55),
+])
+def test_transformer_has_llama3_published_shapes_at_8b_and_70b(params, shape, billions):
+    assert families.dims_for("transformer", params * 4) == shape
+    assert round(families.param_count("transformer", params * 4) / 1e9, 2) == billions
+
+
+def test_smaller_transformers_keep_llama3_8b_proportions_and_grow_in_depth():
+    dims = [families.dims_for("transformer", mib << 20) for mib in (16, 128, 1024, 8192)]
+    assert [d["layers"] for d in dims] == sorted(d["layers"] for d in dims) and dims[-1]["layers"] > dims[0]["layers"]
+    for d in dims:
+        assert d["ffn"] == 3.5 * d["d_model"] and abs(d["vocab"] / d["d_model"] - 128256 / 4096) < 0.1
+        assert d["heads"] % d["kv_heads"] == 0 and d["kv_heads"] < d["heads"] and d["heads"] >= 8
 
 
 def test_layout_maps_shard_every_large_variable():

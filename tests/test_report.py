@@ -22,8 +22,9 @@ def test_verdict_is_the_headline_of_each_family():
     # P = 64 MiB; sharded N = 4: 16 MiB + 1 MiB = 1.06 x P/N; stock Keras 1.5 x P = 96 MiB at every N;
     # under 48 MiB stock Keras never fits, sharded needs 65, 33, 17 MiB at N = 1, 2, 4.
     assert verdicts["mlp"] == (
-        "sharded per-rank build peak = 1.06 x P/N at N = 4 (P = 64 MiB: 17 MiB per rank), train step "
-        "1.00 x 2P/N; stock Keras 96 MiB per rank whatever N (1.50 x P); under a 48 MiB per-rank budget "
+        "sharded per-rank build peak = 1.06 x P/N at N = 4 (P = 64 MiB: 17 MiB per rank), train run peak "
+        "(adamw f32 8x128) 1.00 x S/N (S = weights + gradients + optimizer slots); stock Keras 96 MiB per "
+        "rank whatever N (1.50 x P); under a 48 MiB per-rank budget "
         "stock Keras OOMs at every N, sharded fits at N >= 2, OOM at N = 1")
 
 
@@ -70,7 +71,7 @@ def test_terminal_table_is_aligned_one_line_per_scenario():
             assert padded[b:c].strip() == "", (line, a, b)  # nothing between the columns
             assert padded[a:b].strip(), (line, a, b)  # every cell filled ("-" when absent)
     head = lines[0].split()
-    assert head[:4] == ["family", "P", "MiB", "N"] and "x" in head and "status" in head
+    assert head[:5] == ["family", "params", "P", "MiB", "N"] and "x" in head and "status" in head
 
 
 def test_markdown_table_is_padded_and_valid():

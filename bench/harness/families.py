@@ -2,9 +2,8 @@
 
 * ``mlp``: a stack of ``DEPTH`` Dense(width) layers on width-wide inputs;
   every kernel is the same size, none dominates the others.
-* ``transformer``: a token embedding (vocab x d, its largest variable) and
-  ``BLOCKS`` pre-norm blocks of MultiHeadAttention (at least ``HEADS`` heads,
-  about 128 wide in large models) and a 4x MLP.
+* ``transformer``: Llama-shaped (RMSNorm, grouped-query attention, SwiGLU MLP, untied LM
+  head), growing in depth and width along Llama 3's shapes (`bench.harness.transformer`).
 
 `param_bytes` is exact (counted from the built model's shapes); the knob only
 picks the dimensions. On a 1-D ("model",) mesh the LayoutMaps shard every
@@ -22,91 +21,92 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-__all__ = ["FAMILIES", "HUB", "build_model", "layout_map", "dims_for", "sample_batch", "exact_param_bytes",
-           "model_mesh", "parse_mesh", "mesh_label"]
+__all__ = ["FAMILIES", "HUB", "build_model", "layout_map", "dims_for", "sample_batch", "sample_targets",
+           "exact_param_bytes", "param_count", "model_mesh", "parse_mesh", "mesh_label", "BATCH", "SEQ"]
 
 FAMILIES = ("mlp", "transformer", "gemma", "llama")
 HUB = ("gemma", "llama")  # keras-hub backbones (bench.harness.hub_families); need keras-hub installed
-DEPTH = 4
-BLOCKS = 2
-HEADS = 4
-SEQ = 16
-BATCH = 8
+DEPTH = 4  # mlp layers
+SEQ = 128  # tokens per sequence (transformer, keras-hub) unless a step asks for another
+BATCH = 8  # global batch unless a step asks for another
 
 
 def dims_for(family: str, param_bytes: int, itemsize: int = 4) -> dict:
-    """Dimensions that give about ``param_bytes`` of parameters."""
+    """Dimensions that give about ``param_bytes`` of parameters (``itemsize`` bytes each)."""
     elems = param_bytes / itemsize
     if family == "mlp":
         width = max(8, int(round(math.sqrt(elems / DEPTH))))
         return {"width": width}
     if family == "transformer":
-        # embedding 16 d^2 + per block (4 d^2 attention + 8 d^2 MLP) => 40 d^2 for 2 blocks.
-        target = math.sqrt(elems / (16 + 12 * BLOCKS))
-        # About 128 per head for large models; a power of two, so that N = 2, 4, 8... split heads evenly.
-        heads = max(HEADS, 2 ** int(math.log2(max(target / 128, 1))))
-        d = max(heads * 4, int(round(target / heads)) * heads)
-        return {"d_model": d, "vocab": 16 * d, "heads": heads}
+        from bench.harness.transformer import transformer_dims
+
+        return transformer_dims(elems)
     raise ValueError(f"Unknown model family {family!r}. Choose one of {FAMILIES}.")
 
 
-def exact_param_bytes(family: str, param_bytes: int, itemsize: int = 4) -> int:
-    """The exact parameter bytes `build_model` creates for the knob ``param_bytes`` (no build).
-
-    For keras-hub families ``param_bytes`` may be a preset name (``bench.harness.hub_families.PRESETS``).
-    """
+def param_count(family: str, param_bytes) -> int:
+    """The exact number of parameters `build_model` creates for the knob ``param_bytes`` (the
+    size in bytes of float32 parameters; for keras-hub families also a preset name)."""
     if family in HUB:
         from bench.harness.hub_families import hub_config, hub_param_count
 
-        return hub_param_count(family, hub_config(family, param_bytes)) * itemsize
-    dims = dims_for(family, param_bytes, itemsize)
+        return hub_param_count(family, hub_config(family, param_bytes))
+    dims = dims_for(family, param_bytes)
     if family == "mlp":
         w = dims["width"]
-        return DEPTH * (w * w + w) * itemsize
-    d, vocab = dims["d_model"], dims["vocab"]
-    # per block: attention 4d^2 + 4d, two LayerNorms 4d, MLP 8d^2 + 5d.
-    return (vocab * d + BLOCKS * (12 * d * d + 13 * d)) * itemsize
+        return DEPTH * (w * w + w)
+    from bench.harness.transformer import transformer_param_count
+
+    return transformer_param_count(dims)
 
 
-def build_model(family: str, param_bytes: int):
-    """An unbuilt Keras model of ``family``; ``model.build`` happens in `build`."""
+def exact_param_bytes(family: str, param_bytes, itemsize: int = 4) -> int:
+    """The exact parameter bytes `build_model` creates for the knob ``param_bytes``, at
+    ``itemsize`` bytes per parameter (no build). For keras-hub families ``param_bytes`` may be
+    a preset name (``bench.harness.hub_families.PRESETS``)."""
+    return param_count(family, param_bytes) * itemsize
+
+
+def build_model(family: str, param_bytes, *, batch: int = BATCH, seq: int = SEQ, remat: bool = False):
+    """A Keras model of ``family`` at the size knob ``param_bytes``, built.
+
+    The transformer takes int32 tokens (batch, seq) and returns logits; keras-hub families
+    are CausalLMs (the LM head included); the mlp takes (batch, width). ``remat``: every
+    block (mlp: every layer) is rematerialized in backward (``keras.RematScope``).
+    """
+    import contextlib
+
     import keras
 
     if family in HUB:
         from bench.harness.hub_families import build_hub_model
 
-        return build_hub_model(family, param_bytes)
+        return build_hub_model(family, param_bytes, remat=remat)
     dims = dims_for(family, param_bytes)
-    if family == "mlp":
-        width = dims["width"]
-        inputs = keras.Input((width,), batch_size=BATCH)
+    if family == "transformer":
+        from bench.harness.transformer import build_transformer
+
+        return build_transformer(dims, batch=batch, seq=seq, remat=remat)
+    width = dims["width"]
+    names = [f"dense_{i}" for i in range(DEPTH)]
+    scope = keras.RematScope(mode="list_of_layers", layer_names=names) if remat else contextlib.nullcontext()
+    with scope:
+        inputs = keras.Input((width,), batch_size=batch)
         x = inputs
-        for i in range(DEPTH):
-            x = keras.layers.Dense(width, activation="relu" if i < DEPTH - 1 else None, name=f"dense_{i}")(x)
+        for i, name in enumerate(names):
+            x = keras.layers.Dense(width, activation="relu" if i < DEPTH - 1 else None, name=name)(x)
         return keras.Model(inputs, x, name="mlp")
-    d, vocab, heads = dims["d_model"], dims["vocab"], dims["heads"]
-    tokens = keras.Input((SEQ,), batch_size=BATCH, dtype="int32")
-    x = keras.layers.Embedding(vocab, d, name="token_embedding")(tokens)
-    for b in range(BLOCKS):
-        h = keras.layers.LayerNormalization(name=f"block{b}_ln1")(x)
-        h = keras.layers.MultiHeadAttention(heads, d // heads, name=f"block{b}_attn")(h, h)
-        x = x + h
-        h = keras.layers.LayerNormalization(name=f"block{b}_ln2")(x)
-        h = keras.layers.Dense(4 * d, activation="gelu", name=f"block{b}_mlp_up")(h)
-        h = keras.layers.Dense(d, name=f"block{b}_mlp_down")(h)
-        x = x + h
-    return keras.Model(tokens, x, name="transformer")
 
 
-def layout_map(family: str, mesh, param_bytes: int | None = None):
+def layout_map(family: str, mesh, param_bytes=None, *, batch: int | None = BATCH):
     """A LayoutMap that shards every large variable of ``family`` over ``mesh``.
 
-    1-D ("model",) mesh, or a 2-D mesh whose "batch" axis has size 1: every
-    large variable over "model". Attention kernels are split by heads when the
-    heads divide evenly over the "model" axis (each rank then computes whole
-    heads, and their gradients stay sharded); otherwise (heads run out before
-    ranks: 256 heads on 1024 ranks, or ``param_bytes`` unknown) by model width.
-    A ("batch", "model") mesh with "batch" > 1: `_layout_map_2d`.
+    1-D ("model",) mesh, or a 2-D mesh whose "batch" axis has size 1: every large variable
+    over "model" (Megatron's tensor parallelism: `bench.harness.transformer`; the mlp's
+    kernels column- then row-split). A ("batch", "model") mesh with "batch" > 1:
+    `_layout_map_2d`. ``param_bytes`` (the size knob) lets the map split attention by heads
+    where they divide; ``batch`` (the global batch) lets activations be split along "batch"
+    where it divides.
     """
     import keras
 
@@ -115,7 +115,7 @@ def layout_map(family: str, mesh, param_bytes: int | None = None):
 
         return hub_layout_map(family, mesh)
     if _batch_ranks(mesh) > 1:
-        return _layout_map_2d(family, mesh, param_bytes)
+        return _layout_map_2d(family, mesh, param_bytes, batch=batch)
     lm = keras.distribution.LayoutMap(mesh)
     if family == "mlp":
         # Column- then row-parallel, alternating (Megatron's pairing): a column-split layer's
@@ -128,29 +128,10 @@ def layout_map(family: str, mesh, param_bytes: int | None = None):
         lm[r".*dense_\d*[13579]/kernel"] = ("model", None)
         lm[r".*dense_\d*[13579]/bias"] = (None,)
         return lm
-    # Split by vocabulary: each rank looks up the rows it holds and one all-reduce sums
-    # them, so the embedding's output is whole. Split by width instead, the output (and
-    # with it the residual stream) comes out width-split, and every LayerNorm re-lays it
-    # out by batch and every next layer gathers it back: 2.2-2.6x the stock step at N=2.
-    lm[r".*token_embedding/embeddings"] = ("model", None)
+    from bench.harness.transformer import transformer_layout_map
+
     model_ranks = mesh.shape[list(mesh.axis_names).index("model")]
-    heads = dims_for(family, param_bytes)["heads"] if param_bytes else None
-    if heads and heads % model_ranks == 0:
-        lm[r".*attn/(query|key|value)/kernel"] = (None, "model", None)
-        lm[r".*attn/(query|key|value)/bias"] = ("model", None)
-        lm[r".*attn/attention_output/kernel"] = ("model", None, None)
-    else:
-        lm[r".*attn/(query|key|value)/kernel"] = ("model", None, None)
-        lm[r".*attn/attention_output/kernel"] = (None, None, "model")
-    lm[r".*mlp_up/kernel"] = (None, "model")
-    lm[r".*mlp_up/bias"] = ("model",)
-    lm[r".*mlp_down/kernel"] = ("model", None)
-    # Megatron's residual stream: replicated between blocks. The row-split layers
-    # (attention output, mlp_down) return partial sums; summing each once, at the layer's
-    # output, keeps LayerNorm, the residual adds and the next block's inputs unsharded.
-    lm[r".*attn/output"] = (None, None, None)
-    lm[r".*mlp_down/output"] = (None, None, None)
-    return lm
+    return transformer_layout_map(lm, dims_for(family, param_bytes) if param_bytes else None, model_ranks)
 
 
 def _batch_ranks(mesh) -> int:
@@ -158,7 +139,7 @@ def _batch_ranks(mesh) -> int:
     return int(mesh.shape[names.index("batch")]) if "batch" in names else 1
 
 
-def _layout_map_2d(family: str, mesh, param_bytes: int | None):
+def _layout_map_2d(family: str, mesh, param_bytes, *, batch: int | None):
     """Every large variable over both axes of a ("batch", "model") mesh, B x M ranks.
 
     Each kernel keeps its 1-D tensor-parallel split on "model" and adds "batch":
@@ -166,9 +147,8 @@ def _layout_map_2d(family: str, mesh, param_bytes: int | None):
       along "batch" only (`shardimpl.keras.fsdp`), a block of |W| / M, and the
       batch stays split along "batch";
     * on the same dim as "model" (TP over the whole mesh): never gathered;
-      activations move instead. Used for the MLP kernels when their block
-      gathered along "batch" would exceed a rank's share of the model
-      (|W| / M > P / N, i.e. B x |W| > P: the 2-block family at 70B on 128 x 8);
+      activations move instead. Used where a kernel's block gathered along "batch"
+      would exceed a rank's share of the model (|W| / M > P / N, i.e. B x |W| > P);
       FSDP's premise, a layer small against the model, does not hold there.
     The token embedding is split by vocabulary along "batch" (a lookup moves ids,
     never the table) and by width along "model". Norms stay replicated.
@@ -196,50 +176,42 @@ def _layout_map_2d(family: str, mesh, param_bytes: int | None):
             lm[r".*dense_\d*[13579]/kernel"] = (("batch", "model"), None)
             lm[r".*dense_\d*[13579]/bias"] = (None,)
         return lm
+    from bench.harness.transformer import transformer_layout_map_2d
+
     dims = dims_for(family, param_bytes) if param_bytes else None
-    d = dims["d_model"] if dims else None
-    heads = dims["heads"] if dims else None
-    lm[r".*token_embedding/embeddings"] = ("batch", "model")
-    if heads and heads % model_ranks == 0:
-        lm[r".*attn/(query|key|value)/kernel"] = ("batch", "model", None)
-        lm[r".*attn/(query|key|value)/bias"] = ("model", None)
-        lm[r".*attn/attention_output/kernel"] = ("model", None, "batch")
-        lm[r".*attn/attention_output/bias"] = ("batch",)
-    else:
-        lm[r".*attn/(query|key|value)/kernel"] = (("batch", "model"), None, None)
-        lm[r".*attn/attention_output/kernel"] = (None, None, ("batch", "model"))
-    if gathered_fits(4 * d * d * 4 if d else 0):
-        lm[r".*mlp_up/kernel"] = ("batch", "model")
-        lm[r".*mlp_up/bias"] = ("model",)
-        lm[r".*mlp_down/kernel"] = ("model", "batch")
-        lm[r".*mlp_down/bias"] = ("batch",)
-    else:
-        lm[r".*mlp_up/kernel"] = (None, ("batch", "model"))
-        lm[r".*mlp_up/bias"] = (("batch", "model"),)
-        lm[r".*mlp_down/kernel"] = (("batch", "model"), None)
-    # Activations between layers: whole along "model" (what every layer above consumes) and
-    # split along "batch" when the batch divides evenly (DTensor cannot reshape an uneven
-    # split: 8 sequences over 128 ranks stay whole). Without these DTensor may drift (tokens
-    # split along "model") into layouts where a kernel's gradient comes out whole.
-    act = ("batch", None, None) if BATCH % batch_ranks == 0 else (None, None, None)
-    for name in ("token_embedding", r"block\d+_ln\d", r"block\d+_attn", r"block\d+_mlp_down"):
-        lm[rf".*{name}/output"] = act
-    return lm
+    return transformer_layout_map_2d(lm, dims, model_ranks, batch_ranks, gathered_fits, batch=batch)
 
 
-def sample_batch(family: str, param_bytes: int, seed: int = 0):
-    """A fixed input batch for a train step (the same on every rank)."""
+def sample_batch(family: str, param_bytes, seed: int = 0, *, batch: int = BATCH, seq: int = SEQ):
+    """A fixed input batch for a train step (the same on every rank): the global batch."""
     import torch
 
     if family in HUB:
         from bench.harness.hub_families import hub_sample_batch
 
-        return hub_sample_batch(family, param_bytes, BATCH, SEQ, seed)
+        return hub_sample_batch(family, param_bytes, batch, seq, seed)
     g = torch.Generator().manual_seed(seed)
     dims = dims_for(family, param_bytes)
     if family == "mlp":
-        return torch.randn(BATCH, dims["width"], generator=g)
-    return torch.randint(0, dims["vocab"], (BATCH, SEQ), generator=g, dtype=torch.int32)
+        return torch.randn(batch, dims["width"], generator=g)
+    return torch.randint(0, dims["vocab"], (batch, seq), generator=g, dtype=torch.int32)
+
+
+def sample_targets(family: str, param_bytes, seed: int = 0, *, batch: int = BATCH, seq: int = SEQ):
+    """Targets for `sample_batch`'s inputs: next-token ids for the language models (a sparse
+    cross-entropy over the vocabulary), a regression target for the mlp."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 7919)
+    if family == "mlp":
+        return torch.randn(batch, dims_for(family, param_bytes)["width"], generator=g) * 0.1
+    if family in HUB:
+        from bench.harness.hub_families import hub_config
+
+        vocab = hub_config(family, param_bytes)["vocabulary_size"]
+    else:
+        vocab = dims_for(family, param_bytes)["vocab"]
+    return torch.randint(0, vocab, (batch, seq), generator=g, dtype=torch.int32)
 
 
 def parse_mesh(text, ranks: int | None = None) -> tuple[int, int] | None:

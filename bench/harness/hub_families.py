@@ -1,7 +1,7 @@
 """keras-hub model families: real architectures (Gemma, Llama 3) at growing sizes and published shapes.
 
-Each family builds a keras-hub backbone from a config (random weights, nothing
-downloaded) and shards it with the backbone's own ``get_layout_map`` on a
+Each family builds a keras-hub CausalLM (backbone and LM head) from a config (random weights,
+nothing downloaded) and shards it with the backbone's own ``get_layout_map`` on a
 (1, N) ("batch", "model") mesh. The size knob picks the dimensions of a
 2-layer model of about that many parameter bytes; a preset name
 (``PRESETS``) picks a published architecture's shape instead, for
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["HUB_FAMILIES", "PRESETS", "hub_config", "hub_param_count", "build_hub_model", "hub_layout_map"]
+__all__ = ["HUB_FAMILIES", "PRESETS", "hub_config", "hub_param_count", "build_hub_model", "hub_layout_map",
+           "hub_sample_batch"]
 
-#: family -> (keras-hub backbone class, whether the output embedding is a separate matrix)
-HUB_FAMILIES = {"gemma": ("GemmaBackbone", False), "llama": ("Llama3Backbone", True)}
+#: family -> (keras-hub backbone class, whether the output embedding is a separate matrix,
+#: the CausalLM class, the name of block i)
+HUB_FAMILIES = {"gemma": ("GemmaBackbone", False, "GemmaCausalLM", "decoder_block_{}"),
+                "llama": ("Llama3Backbone", True, "Llama3CausalLM", "transformer_layer_{}")}
 
 #: Published shapes (from the model cards / configs), float32 parameters as built here.
 PRESETS = {
@@ -76,11 +79,21 @@ def hub_param_count(family: str, config: dict) -> int:
     return 2 * v * d + layers * per_layer + d  # untied output embedding
 
 
-def build_hub_model(family: str, size):
+def build_hub_model(family: str, size, *, remat: bool = False):
+    """The family's CausalLM (no preprocessor): token ids and a padding mask -> logits over the
+    vocabulary. ``remat``: every block rematerialized in backward (``keras.RematScope``)."""
+    import contextlib
+
+    import keras
     import keras_hub
 
-    cls = getattr(keras_hub.models, HUB_FAMILIES[family][0])
-    return cls(**hub_config(family, size))
+    backbone_cls, _, lm_cls, block = HUB_FAMILIES[family]
+    config = hub_config(family, size)
+    names = [block.format(i) for i in range(config["num_layers"])]
+    scope = keras.RematScope(mode="list_of_layers", layer_names=names) if remat else contextlib.nullcontext()
+    with scope:
+        backbone = getattr(keras_hub.models, backbone_cls)(**config)
+    return getattr(keras_hub.models, lm_cls)(backbone=backbone, preprocessor=None)
 
 
 def hub_layout_map(family: str, mesh):

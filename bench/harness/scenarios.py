@@ -10,9 +10,13 @@ Modes:
 
 Each rank measures, with `PeakMeter`, the peak of live bytes while building
 the model (under the per-rank budget when one is given: an allocator error
-there is recorded as ``oom``), then one train step (forward, backward,
-SGD-with-momentum update), then for sharded models the time to gather every
-variable to rank 0's host memory. Each phase's row carries both of the meter's
+there is recorded as ``oom``), then, with the scenario's `TrainConfig`
+(`bench.harness.training`: optimizer, dtype policy, remat, sequence, batch), the
+peak over the whole run: build and two of Keras' own train steps (the first
+creates the optimizer's slots; the second runs its forward while the first's
+gradients are still alive, as every later step does), then times three more
+steps, then for sharded models the time to gather every variable to rank 0's
+host memory. Each phase's row carries both of the meter's
 figures: ``peak_bytes`` (torch's allocator: CPU storages from aten ops, or the
 CUDA caching allocator) and ``host_peak_bytes`` (everything the rank's process
 took, torch or not: its resident high-water mark). Before
@@ -35,6 +39,8 @@ from dataclasses import asdict, dataclass
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+from bench.harness.training import DEFAULT, TrainConfig  # noqa: E402
+
 __all__ = ["Scenario", "MODES", "measure_rank", "run_scenario", "rows_for"]
 
 MODES = ("unsharded", "sharded", "naive", "keras-native")
@@ -43,13 +49,14 @@ MODES = ("unsharded", "sharded", "naive", "keras-native")
 @dataclass(frozen=True)
 class Scenario:
     family: str
-    param_bytes: int  # the size knob (target); rows carry the exact built size
+    param_bytes: int  # the size knob: bytes of float32 parameters (target); rows carry the exact size
     ranks: int
     mode: str
     device: str = "cpu"
     budget_bytes: int | None = None
     step: bool = True
     mesh: tuple | None = None  # (B, M): a ("batch", "model") mesh; None: the family's 1-D mesh
+    train: TrainConfig = DEFAULT  # the train step measured (and the model's batch, sequence, policy)
 
 
 def _model_mesh(device: str, family: str = "mlp", mesh=None):
@@ -83,7 +90,8 @@ def _distribution(scenario: Scenario):
 
         use_naive_creation()
     mesh = _model_mesh(scenario.device, scenario.family, scenario.mesh)
-    dist_ = keras.distribution.ModelParallel(layout_map=layout_map(scenario.family, mesh, scenario.param_bytes))
+    dist_ = keras.distribution.ModelParallel(
+        layout_map=layout_map(scenario.family, mesh, scenario.param_bytes, batch=scenario.train.batch))
     keras.distribution.set_distribution(dist_)
     return dist_
 
@@ -99,34 +107,10 @@ def _local_bytes(model) -> tuple[int, int]:
     return local, full
 
 
-def _to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    return batch.to(device)
-
-
-def _train_step(model, batch, device) -> None:
-    import torch
-    from torch.distributed.tensor.experimental import implicit_replication
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    params = [v.value for v in model.trainable_weights]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    # DTensor has no sharding rule for the fused CPU attention kernels' backward:
-    # the math kernel decomposes attention into ops it can shard.
-    with implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
-        out = model(_to_device(batch, device))
-        loss = (out.float() ** 2).mean()
-        loss.backward()  # backward mixes saved plain inputs with DTensor grads too
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 TIMED_STEPS = 3
 
 
-def _time_steps(model, batch, device, steps: int = TIMED_STEPS) -> dict:
+def _time_steps(model, data, device, steps: int = TIMED_STEPS) -> dict:
     """Speed, unmetered: the median of ``steps`` back-to-back train steps, and steps/s over them.
 
     Runs after the metered step, so the meter's bookkeeping is not timed. Stock Keras
@@ -138,6 +122,8 @@ def _time_steps(model, batch, device, steps: int = TIMED_STEPS) -> dict:
     import torch
     import torch.distributed as dist
 
+    from bench.harness.training import train_step
+
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -147,7 +133,7 @@ def _time_steps(model, batch, device, steps: int = TIMED_STEPS) -> dict:
     for _ in range(steps):
         sync()
         start = time.perf_counter()
-        _train_step(model, batch, device)
+        train_step(model, data, device)
         sync()
         times.append(time.perf_counter() - start)
     return {"step_seconds": statistics.median(times), "steps_per_second": steps / sum(times)}
@@ -167,50 +153,58 @@ def _gather_all(model) -> float:
 
 
 def measure_rank(scenario: Scenario) -> dict:
-    """Runs on every rank: build (metered, under budget), step (metered), gather (timed)."""
+    """Runs on every rank: build (metered, under budget), the run's peak over build and two
+    train steps (metered), three more steps (timed), gather (timed)."""
     import torch
     import torch.distributed as dist
 
-    from bench.harness.families import build_model, sample_batch
+    from bench.harness import training
+    from bench.harness.families import build_model
     from shardimpl.budgets import budget, is_oom, warm_thread_pools
     from shardimpl.meters import PeakMeter
 
     device = "cpu" if scenario.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
+    train = scenario.train
+    shape = {"batch": train.batch, "seq": train.seq, "remat": train.remat == "full"}
     _distribution(scenario)
     out = {"oom": False, "error": None, "step_peak_bytes": None, "step_host_peak_bytes": None,
            "gather_seconds": None}
     gc.collect()
     dist.barrier()
     warm_thread_pools()  # before the meter: its warm-up tensors are not the model's
-    with PeakMeter(device, trace_python=False):  # first use of Keras, the initializers, gloo
-        build_model(scenario.family, max(scenario.param_bytes // 64, 1 << 16))
+    with PeakMeter(device, trace_python=False), training.dtype_policy(train):  # first use of Keras, gloo
+        build_model(scenario.family, max(scenario.param_bytes // 64, 1 << 16), **shape)
     gc.collect()
     start = time.perf_counter()
-    try:
-        with PeakMeter(device, trace_python=False) as meter:
-            if scenario.budget_bytes:
-                with budget(scenario.budget_bytes, device=device):
-                    model = build_model(scenario.family, scenario.param_bytes)
-            else:
-                model = build_model(scenario.family, scenario.param_bytes)
-    except Exception as exc:  # an allocator error under the budget is the result
-        if not is_oom(exc):
-            raise
-        out.update(oom=True, build_peak_bytes=None, build_host_peak_bytes=None, init_seconds=None,
-                   local_bytes=None, model_bytes=None, error=str(exc).splitlines()[0][:200])
-        return out
-    out["init_seconds"] = time.perf_counter() - start
-    out["build_peak_bytes"] = meter.result().device_peak_bytes
-    out["build_host_peak_bytes"] = meter.result().host_peak_bytes
-    out["local_bytes"], out["model_bytes"] = _local_bytes(model)
+    with PeakMeter(device, trace_python=False) as run, training.dtype_policy(train):
+        try:
+            with PeakMeter(device, trace_python=False) as meter:
+                if scenario.budget_bytes:
+                    with budget(scenario.budget_bytes, device=device):
+                        model = build_model(scenario.family, scenario.param_bytes, **shape)
+                else:
+                    model = build_model(scenario.family, scenario.param_bytes, **shape)
+        except Exception as exc:  # an allocator error under the budget is the result
+            if not is_oom(exc):
+                raise
+            out.update(oom=True, build_peak_bytes=None, build_host_peak_bytes=None, init_seconds=None,
+                       local_bytes=None, model_bytes=None, error=str(exc).splitlines()[0][:200])
+            return out
+        out["init_seconds"] = time.perf_counter() - start
+        out["build_peak_bytes"] = meter.result().device_peak_bytes
+        out["build_host_peak_bytes"] = meter.result().host_peak_bytes
+        out["local_bytes"], out["model_bytes"] = _local_bytes(model)
+        if scenario.step:
+            data = training.train_data(scenario.family, scenario.param_bytes, train)
+            training.compile_model(model, scenario.family, train)
+            training.train_step(model, data, device)  # creates the optimizer's slots
+            training.train_step(model, data, device)  # a forward beside the last step's gradients
     if scenario.step:
-        batch = sample_batch(scenario.family, scenario.param_bytes)
-        _train_step(model, batch, device)  # warm-up: optimizer slots and kernels exist after it
-        with PeakMeter(device, trace_python=False) as meter:
-            _train_step(model, batch, device)
-        out["step_peak_bytes"] = meter.result().device_peak_bytes
-        out["step_host_peak_bytes"] = meter.result().host_peak_bytes
-        out.update(_time_steps(model, batch, device))
+        out["step_peak_bytes"] = run.result().device_peak_bytes
+        out["step_host_peak_bytes"] = run.result().host_peak_bytes
+        out.update(training.model_state_bytes(model))
+        with training.dtype_policy(train):
+            out.update(_time_steps(model, data, device))
     if scenario.mode != "unsharded":
         out["gather_seconds"] = _gather_all(model)
     return out
@@ -225,32 +219,36 @@ def run_scenario(scenario: Scenario, *, timeout: float = 300.0):
 
 def rows_for(scenario: Scenario, launched) -> list[dict]:
     """results.json rows: one per rank per phase ("build", "step")."""
-    from bench.harness.families import exact_param_bytes, mesh_label
+    from bench.harness.families import mesh_label, param_count
+    from bench.harness.training import state_bytes_per_param, variable_itemsize
 
     rows = []
     for r in launched:
         value = r.value or {}
         oom = r.status == "oom" or bool(value.get("oom"))
-        param_bytes = exact_param_bytes(scenario.family, scenario.param_bytes)
+        params = param_count(scenario.family, scenario.param_bytes)
+        param_bytes = params * variable_itemsize(scenario.train)
         base = {
-            "family": scenario.family, "param_bytes": param_bytes, "ranks": scenario.ranks,
+            "family": scenario.family, "param_bytes": param_bytes, "params": params, "ranks": scenario.ranks,
             "rank": r.rank, "mode": scenario.mode, "device": scenario.device,
             "mesh": mesh_label(scenario.mesh, scenario.ranks),
             "budget_bytes": scenario.budget_bytes, "status": "oom" if oom else r.status,
             "oom": oom, "error": value.get("error") or (r.error.splitlines()[-1] if r.error else None),
             "init_seconds": value.get("init_seconds"), "gather_seconds": value.get("gather_seconds"),
-            "local_bytes": value.get("local_bytes"),
+            "local_bytes": value.get("local_bytes"), **scenario.train.as_row(),
         }
         rows.append({**base, "phase": "build", "peak_bytes": value.get("build_peak_bytes"),
                      "host_peak_bytes": value.get("build_host_peak_bytes"),
                      "ideal_bytes": param_bytes / scenario.ranks})
         if scenario.step:
-            # A step allocates gradients and momentum slots: 2 x P / N at best.
+            # The run's peak (build + steps) against the model state a step keeps: weights,
+            # gradients and optimizer slots, 1/N of them per rank at best (activations apart).
             rows.append({**base, "phase": "step", "peak_bytes": value.get("step_peak_bytes"),
                          "host_peak_bytes": value.get("step_host_peak_bytes"),
                          "step_seconds": value.get("step_seconds"),
                          "steps_per_second": value.get("steps_per_second"),
-                         "ideal_bytes": 2 * param_bytes / scenario.ranks})
+                         "model_state_bytes": value.get("model_state_bytes"),
+                         "ideal_bytes": params * state_bytes_per_param(scenario.train) / scenario.ranks})
     return rows
 
 

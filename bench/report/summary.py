@@ -29,10 +29,15 @@ MODE_NAMES = {"unsharded": "stock Keras", "sharded": "sharded", "naive": "naive"
 _MODE_ORDER = ("unsharded", "naive", "keras-native", "sharded")
 
 DEFINITIONS = (
-    "P = the model's parameter bytes (float32). Per-rank peak = the worst rank's peak of live bytes "
-    "while building the model (build) or during one train step (step): PeakMeter counts tensor "
-    "storage at the allocator (CPU) or reads the CUDA allocator's peak. x P/N = that peak over the "
-    "ideal share P/N (build) or 2P/N (step: gradients + momentum). Scenarios with a budget built "
+    "P = the model's parameter bytes (in the variables' dtype). Per-rank peak = the worst rank's peak "
+    "of live bytes while building the model (build) or over the whole run, build and two train steps "
+    "(step): PeakMeter counts tensor storage at the allocator (CPU) or reads the CUDA allocator's "
+    "peak. x P/N = the build peak over the ideal share P/N. x S/N = the run's peak over the model "
+    "state's ideal share S/N, S = weights + gradients + optimizer slots (16 bytes per parameter for "
+    "AdamW in float32 or mixed_bfloat16, 12 for SGD with momentum, half that in bfloat16: ZeRO's "
+    "model states); what is above 1 is activations and temporaries. train step = Keras' own "
+    "compile + train_step with the optimizer, dtype policy, remat, sequence length and global batch "
+    "given (column 'step'). Scenarios with a budget built "
     "the largest model again under that per-rank allocation limit; OOM = the allocator refused. "
     "Sharded builds carry a fixed extra of about 1 MiB per rank (one initializer tile), which is why "
     "the smallest models sit visibly above P/N. A '-' in the step columns: no step was measured there "
@@ -115,16 +120,18 @@ def summarize(rows) -> list[dict]:
         fam, p, n, mode, budget = key
         status = _status(rs)
         phases = {ph: [r for r in rs if r.get("phase", "build") == ph] for ph in ("build", "step")}
+        first = rs[0]
         s = {"family": fam, "param_bytes": p, "ranks": n, "mode": mode, "budget_bytes": budget or None,
+             "params": first.get("params"), "train": train_label(first),
              "status": status, "ranks_reported": len({r.get("rank") for r in rs}),
              "init_seconds": _worst(r.get("init_seconds") for r in rs),
              "gather_seconds": _worst(r.get("gather_seconds") for r in rs),
              "errors": sorted({r["error"] for r in rs if r.get("error") and r["status"] != "ok"})}
-        for ph, ideal_factor in (("build", 1), ("step", 2)):
+        for ph in ("build", "step"):
             prs = phases[ph]
             complete = prs and status == "ok" and all(r.get("peak_bytes") is not None for r in prs)
             s[f"{ph}_peak_bytes"] = max(r["peak_bytes"] for r in prs) if complete else None
-            s[f"{ph}_ideal_bytes"] = ideal_factor * p / n if prs else None
+            s[f"{ph}_ideal_bytes"] = _ideal(prs, ph, p, n) if prs else None
             s[f"{ph}_ratio"] = (s[f"{ph}_peak_bytes"] / s[f"{ph}_ideal_bytes"]
                                 if s[f"{ph}_peak_bytes"] is not None else None)
             s[f"has_{ph}"] = bool(prs)
@@ -132,6 +139,37 @@ def summarize(rows) -> list[dict]:
                 s[f"{ph}_{field}"] = _worst((r.get(field) for r in prs), reduce)
         out.append(s)
     return out
+
+
+def _ideal(phase_rows, phase, p, n):
+    """The phase's ideal share per rank: P/N for the build; for the step the rows' own (the
+    model state S/N of their optimizer and precision), else 2P/N (rows of older runs: SGD's
+    gradients + momentum above the weights)."""
+    given = [r["ideal_bytes"] for r in phase_rows if r.get("ideal_bytes")]
+    if given:
+        return max(given)
+    return (1 if phase == "build" else 2) * p / n
+
+
+_SHORT_PRECISION = {"float32": "f32", "mixed_bfloat16": "mixed bf16", "bfloat16": "bf16"}
+
+
+def train_label(row) -> str:
+    """The train step of a row in a few characters: "adamw f32 8x128" (+ " remat")."""
+    if not row.get("optimizer"):
+        return "-"
+    label = (f"{row['optimizer']} {_SHORT_PRECISION.get(row['precision'], row['precision'])} "
+             f"{row['batch']}x{row['seq']}")
+    return label + (" remat" if row.get("remat") == "full" else "")
+
+
+def count_text(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
 
 
 # --- the headline ------------------------------------------------------------------------
@@ -208,7 +246,8 @@ def verdicts(summary, budget_bytes=None) -> dict[str, str]:
                 clause = (f"sharded per-rank build peak = {s['build_ratio']:.2f} x P/N at N = {n} "
                           f"(P = {_mib_text(p)}: {_mib_text(s['build_peak_bytes'])} per rank)")
                 if s["step_ratio"] is not None:
-                    clause += f", train step {s['step_ratio']:.2f} x 2P/N"
+                    clause += (f", train run peak ({s['train']}) {s['step_ratio']:.2f} x S/N "
+                               f"(S = weights + gradients + optimizer slots)")
                 clauses.append(clause)
             for mode in ("unsharded", "naive", "keras-native"):
                 ns = sorted(n for m, n in at_p if m == mode)
@@ -252,6 +291,8 @@ def verdicts(summary, budget_bytes=None) -> dict[str, str]:
 
 
 def _fmt(kind, x) -> str:
+    if kind == "count":
+        return count_text(x)
     if x is None:
         return "-"
     if kind == "mib":
@@ -268,11 +309,12 @@ def _fmt(kind, x) -> str:
 def columns(summary):
     """(header, key, kind) for every column this summary needs; optional ones only when present."""
     has_step = any(s["has_step"] for s in summary)
-    cols = [("family", "family", "text"), ("P MiB", "param_bytes", "mib"), ("N", "ranks", "text"),
-            ("mode", "mode", "mode"), ("budget MiB", "budget_bytes", "mib"),
+    cols = [("family", "family", "text"), ("params", "params", "count"), ("P MiB", "param_bytes", "mib"),
+            ("N", "ranks", "text"), ("mode", "mode", "mode"), ("budget MiB", "budget_bytes", "mib"),
             ("build MiB/rank", "build_peak_bytes", "mib"), ("x P/N", "build_ratio", "ratio")]
     if has_step:
-        cols += [("step MiB/rank", "step_peak_bytes", "mib"), ("x 2P/N", "step_ratio", "ratio")]
+        cols += [("step", "train", "text"), ("run MiB/rank", "step_peak_bytes", "mib"),
+                 ("x S/N", "step_ratio", "ratio")]
     for field, label, kind, _ in _OPTIONAL:
         phases = [ph for ph in ("build", "step") if any(s.get(f"{ph}_{field}") is not None for s in summary)]
         for ph in phases:
@@ -354,6 +396,11 @@ def meta_lines(meta_: dict) -> list[tuple[str, str]]:
            ("machine", f"{m.get('cpus')} CPUs ({m.get('cpu_model') or m.get('processor')}), "
                        f"{(m.get('memory_bytes') or 0) / (1 << 30):.1f} GiB, {m.get('platform')}"),
            ("per-rank budget", "none" if not budget else _mib_text(budget))]
+    if meta_.get("train_step"):
+        t = meta_["train_step"]
+        out.append(("train step", f"Keras' compile + train_step: optimizer {t['optimizer']}, dtype policy "
+                                  f"{t['precision']}, remat {t['remat']}, sequence {t['seq']} tokens, "
+                                  f"global batch {t['batch']}"))
     if meta_.get("command"):
         out.append(("command", meta_["command"]))
     if meta_.get("wall_seconds") is not None:

@@ -1,13 +1,19 @@
 """Plan before booking a cluster: per-rank memory of a model far larger than this machine.
 
-`python -m bench plan --family transformer --params 70B --ranks 8,64,1024 --mesh 1d,2x4,8x8,128x8`
-runs shardimpl's real creation code (the Keras hook, layouts, shard-local
-initializers) and a real train step (forward, backward, SGD with momentum on
-DTensors) as rank 0 of an N-rank world, under `FakeTensorMode` with torch's
-fake process group: shapes, shards and collectives are real, storage is not,
-so a 70B model "builds" on a laptop. The PeakMeter counts the fake tensors'
-bytes exactly as it counts real ones. Rank 0 holds the largest shard (chunks
-are ceil-sized), so its figures bound every rank's.
+`python -m bench plan --family transformer --params 70B --ranks 8,64,1024 --mesh 1d,128x8`
+runs shardimpl's real creation code (the Keras hook, layouts, shard-local initializers) and
+the harness' real train step (Keras' compile + train_step with the optimizer, dtype policy,
+remat, sequence length and global batch asked for: `bench.harness.training`) as rank 0 of an
+N-rank world, under `FakeTensorMode` with torch's fake process group: shapes, shards and
+collectives are real, storage is not, so a 70B model "builds" and trains on a laptop. The
+PeakMeter counts the fake tensors' bytes exactly as it counts real ones. Rank 0 holds the
+largest shard (chunks are ceil-sized), so its figures bound every rank's.
+
+Each row itemises the run's peak: the model state (weights + gradients + optimizer slots,
+this rank's, measured) beside ZeRO's figure for it (bytes per parameter x P / N: 16 for AdamW
+in mixed precision), the largest block a layer gathers along "batch", and the activations a
+forward keeps for backward. Defaults: AdamW, mixed_bfloat16, remat full, 4096 tokens, one
+sequence per data-parallel rank (the batch of a ("batch", "model") mesh's B ranks is B).
 
 Each N runs in a fresh process (the fake world is process-global).
 """
@@ -24,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-__all__ = ["plan_rank", "plan", "parse_params", "main"]
+__all__ = ["plan_rank", "plan", "parse_params", "default_train", "describe_error", "step_bound", "table", "main"]
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
@@ -65,10 +71,11 @@ def _strided_shard_bounds_outside_fake_mode() -> None:
     _StridedShard.local_shard_size_and_offset = bounds
 
 
-def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True, mesh=None) -> dict:
-    """Rank 0 of a fake ``ranks``-rank world: build (and step) the model; peaks of live bytes.
+def plan_rank(family: str, param_bytes, ranks: int, step: bool = True, mesh=None, train=None) -> dict:
+    """Rank 0 of a fake ``ranks``-rank world: build (and train) the model; peaks of live bytes.
 
     ``mesh``: None (the family's 1-D mesh) or (B, M) / 'BxM' for a ("batch", "model") mesh.
+    ``train``: the `TrainConfig` (default: `PLAN_DEFAULT` with one sequence per data rank).
     """
     import keras
     import torch.distributed as dist
@@ -76,54 +83,80 @@ def plan_rank(family: str, param_bytes: int, ranks: int, step: bool = True, mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import shardimpl
-    from bench.harness.families import (build_model, exact_param_bytes, layout_map, mesh_label, model_mesh, parse_mesh,
-                                sample_batch)
-    from bench.harness.scenarios import _train_step
+    from bench.harness import training
+    from bench.harness.families import build_model, layout_map, mesh_label, model_mesh, param_count, parse_mesh
     from shardimpl.fsdp import stats as fsdp_stats
     from shardimpl.mesh import to_torch_mesh
     from shardimpl.meters import PeakMeter
 
+    mesh_shape = parse_mesh(mesh, ranks)
+    train = train or default_train(mesh_shape)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
     _strided_shard_bounds_outside_fake_mode()
     shardimpl.install()
-    mesh_shape = parse_mesh(mesh, ranks)
     keras_mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)], mesh_shape)
     keras.distribution.set_distribution(keras.distribution.ModelParallel(
-        layout_map=layout_map(family, keras_mesh, param_bytes)))
+        layout_map=layout_map(family, keras_mesh, param_bytes, batch=train.batch)))
     to_torch_mesh(keras_mesh)  # mesh and seed agreement outside the fake mode (they read real values)
     start = time.perf_counter()
-    step_peak = None
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        with PeakMeter("cpu") as build:
-            model = build_model(family, param_bytes)
-        local = sum(v.value.to_local().numel() * v.value.element_size() for v in model.weights)
-        trainable = sum(v.value.to_local().numel() * v.value.element_size() for v in model.trainable_weights)
-        step_error = activations = None
-        block = 0
-        if step:
-            batch = sample_batch(family, param_bytes)
-            try:
-                _train_step(model, batch, "cpu")  # creates the momentum slots, as in the real harness
-                fsdp_stats().reset()
-                with PeakMeter("cpu") as meter:
-                    _train_step(model, batch, "cpu")
-                step_peak = meter.result().device_peak_bytes
-                block = fsdp_stats().largest_bytes
-                activations = _forward_kept_bytes(model, batch)
-            except Exception as exc:  # a layout DTensor cannot run at this N is a result, not a crash
-                step_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-    return {
-        "family": family if not isinstance(param_bytes, str) else f"{family} ({param_bytes})",
-        "param_bytes": exact_param_bytes(family, param_bytes), "ranks": ranks,
-        "mesh": mesh_label(mesh_shape, ranks),
-        "build_peak_bytes": build.result().device_peak_bytes, "step_peak_bytes": step_peak,
-        "local_param_bytes": local, "ideal_bytes": exact_param_bytes(family, param_bytes) / ranks,
-        "seconds": time.perf_counter() - start, "step_error": step_error,
-        # The step's terms (see `step_bound`): gradients + momentum in the variables' layouts,
-        # the largest block a layer gathers along the data axis, what a forward keeps for backward.
-        "grad_momentum_bytes": 2 * trainable, "gathered_block_bytes": block, "activation_bytes": activations,
-        "host_peak_rss_bytes": _max_rss(),
-    }
+    params = param_count(family, param_bytes)
+    row = {"family": family if not isinstance(param_bytes, str) else f"{family} ({param_bytes})",
+           "params": params, "param_bytes": params * training.variable_itemsize(train), "ranks": ranks,
+           "mesh": mesh_label(mesh_shape, ranks), **train.as_row(), "step_peak_bytes": None,
+           "step_error": None, "activation_bytes": None, "gathered_block_bytes": 0}
+    row["ideal_bytes"] = row["param_bytes"] / ranks
+    row["zero_state_bytes"] = params * training.state_bytes_per_param(train) / ranks
+    shape = {"batch": train.batch, "seq": train.seq, "remat": train.remat == "full"}
+    with FakeTensorMode(allow_non_fake_inputs=True), training.dtype_policy(train):
+        with PeakMeter("cpu") as run:
+            with PeakMeter("cpu") as build:
+                model = build_model(family, param_bytes, **shape)
+            row["build_peak_bytes"] = build.result().device_peak_bytes
+            row["local_param_bytes"] = sum(_local(v.value) for v in model.weights)
+            if step:
+                try:
+                    data = training.train_data(family, param_bytes, train)
+                    training.compile_model(model, family, train)
+                    training.train_step(model, data)  # creates the optimizer's slots, as the harness
+                    fsdp_stats().reset()
+                    training.train_step(model, data)  # a forward beside the last step's gradients
+                    row["gathered_block_bytes"] = fsdp_stats().largest_bytes
+                except Exception as exc:  # a layout DTensor cannot run at this N is a result, not a crash
+                    row["step_error"] = describe_error(exc)
+        if step and row["step_error"] is None:
+            row["step_peak_bytes"] = run.result().device_peak_bytes
+            row.update(training.model_state_bytes(model))
+            row["activation_bytes"] = _forward_kept_bytes(model, data[0])
+    row["seconds"] = time.perf_counter() - start
+    row["host_peak_rss_bytes"] = _max_rss()
+    return row
+
+
+def default_train(mesh_shape=None):
+    """`PLAN_DEFAULT` with one sequence per data-parallel rank (B on a B x M mesh, 1 on one axis)."""
+    from bench.harness.training import TrainConfig
+
+    return TrainConfig(**{**PLAN_DEFAULT, "batch": mesh_shape[0] if mesh_shape else 1})
+
+
+PLAN_DEFAULT = {"optimizer": "adamw", "precision": "mixed_bfloat16", "remat": "full", "seq": 4096}
+
+
+def _local(t) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line that names the cause: the exception's own first line, and its causes' (Keras
+    re-raises layer errors with the original message first and call arguments after)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        parts.append(f"{type(exc).__name__}: {first}"[:400])
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)
 
 
 def _max_rss() -> int:
@@ -134,32 +167,34 @@ def _max_rss() -> int:
 
 
 def step_bound(row) -> int | None:
-    """The derived per-rank step bound: 2 x trainable shard (gradients + momentum, kept in the
-    variables' layouts) + 2 x the largest gathered block (the weight gathered again in backward
-    and its gradient before the reduce-scatter) + the activations a forward keeps."""
-    if row.get("activation_bytes") is None:
+    """The derived per-rank bound of the run's peak: the model state (weights, gradients and
+    optimizer slots in the variables' layouts) + 2 x the largest gathered block (the weight
+    gathered again in backward and its gradient before the reduce-scatter) + the activations a
+    forward keeps."""
+    if row.get("activation_bytes") is None or row.get("model_state_bytes") is None:
         return None
-    return row["grad_momentum_bytes"] + 2 * row["gathered_block_bytes"] + row["activation_bytes"]
+    return row["model_state_bytes"] + 2 * row["gathered_block_bytes"] + row["activation_bytes"]
 
 
-def _forward_kept_bytes(model, batch) -> int:
+def _forward_kept_bytes(model, inputs) -> int:
     """Bytes a forward leaves alive for its backward (activations; gathered weights are tokens)."""
-    from bench.harness.scenarios import _to_device
     from shardimpl.meters import PeakMeter
 
     with PeakMeter("cpu") as meter:
-        out = model(_to_device(batch, "cpu"))
+        out = model(inputs, training=True)
         loss = (out.float() ** 2).mean()
     kept = meter.result().live_bytes_end
     del out, loss
     return kept
 
 
-def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=None, mesh=None) -> list[dict]:
+def plan(family: str, param_bytes, ranks_list, *, step: bool = True, log=None, mesh=None,
+         train=None) -> list[dict]:
     """One row per world size in ``ranks_list`` (each in a fresh process).
 
     ``mesh``: None for the family's 1-D mesh, or (B, M) / 'BxM' for a ("batch", "model") mesh
-    (then ``ranks_list`` may be omitted or must be [B x M]).
+    (then ``ranks_list`` may be omitted or must be [B x M]). ``train``: a `TrainConfig`, or
+    None for `default_train` (one sequence per data-parallel rank).
     """
     from bench.harness.families import parse_mesh
     from shardimpl.launch import process_context
@@ -176,7 +211,7 @@ def plan(family: str, param_bytes: int, ranks_list, *, step: bool = True, log=No
             label = f" mesh {shape[0]}x{shape[1]}" if shape else ""
             print(f"plan: {family} N={n}{label} ...", end="", flush=True, file=log)
         with ProcessPoolExecutor(1, mp_context=process_context(), max_tasks_per_child=1) as pool:
-            row = pool.submit(plan_rank, family, param_bytes, n, step, shape).result()
+            row = pool.submit(plan_rank, family, param_bytes, n, step, shape, train).result()
         rows.append(row)
         if log:
             print(f" {row['seconds']:.1f} s", file=log)
@@ -187,34 +222,29 @@ def _mib(x):
     return "-" if x is None else f"{x / 2**20:,.1f}"
 
 
-def _count(n: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 def table(rows) -> str:
-    """The plan as Markdown: one row per (mesh, N), the step's terms itemised (MiB per rank)."""
-    lines = ["family | params | N | mesh | build peak | build/ideal | step peak | step/ideal | "
-             "grads+momentum | gathered block | activations | bound | ideal P/N",
-             "--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---"]
+    """The plan as Markdown: one row per (mesh, N), the run's peak itemised (MiB per rank)."""
+    from bench.report.summary import count_text, train_label
+
+    lines = ["family | params | N | mesh | step | build peak | build/ideal | run peak | model state | "
+             "ZeRO's state | gathered block | activations | bound | run peak / ZeRO's state",
+             " | ".join(["---"] * 14)]
     for r in rows:
-        step = r["step_peak_bytes"]
+        peak, zero = r.get("step_peak_bytes"), r.get("zero_state_bytes")
         lines.append(" | ".join([
-            r["family"], _count(r["param_bytes"] // 4), str(r["ranks"]), r.get("mesh", "1d"),
+            r["family"], count_text(r["params"]), str(r["ranks"]), r.get("mesh", "1d"), train_label(r),
             _mib(r["build_peak_bytes"]), f"{r['build_peak_bytes'] / r['ideal_bytes']:.3f}",
-            _mib(step), "-" if step is None else f"{step / r['ideal_bytes']:.2f}",
-            _mib(r.get("grad_momentum_bytes")), _mib(r.get("gathered_block_bytes")),
-            _mib(r.get("activation_bytes")), _mib(step_bound(r)), _mib(r["ideal_bytes"]),
+            _mib(peak), _mib(r.get("model_state_bytes")), _mib(zero), _mib(r.get("gathered_block_bytes")),
+            _mib(r.get("activation_bytes")), _mib(step_bound(r)),
+            "-" if peak is None or not zero else f"{peak / zero:.2f}",
         ]))
     lines.append("")
-    lines.append("MiB per rank (rank 0 holds the largest shards). step peak: one train step (forward, "
-                 "backward, SGD with momentum) above the weights. bound = grads+momentum + 2 x gathered "
-                 "block (the block a layer gathers along \"batch\", gathered again in backward, and its "
-                 "gradient before the reduce-scatter) + activations (what a forward keeps for backward). "
-                 "A step peak above the bound is memory the layout wastes (1-D at N > heads: attention "
-                 "gradients computed whole).")
+    lines.append("MiB per rank (rank 0 holds the largest shards). run peak: live bytes over the build and two "
+                 "train steps (Keras' compile + train_step). model state: this rank's weights + gradients + "
+                 "optimizer slots, measured; ZeRO's state: bytes per parameter x params / N (16 for AdamW in "
+                 "float32 or mixed_bfloat16, 12 for SGD with momentum, half in bfloat16). bound = model state "
+                 "+ 2 x gathered block (the block a layer gathers along \"batch\", gathered again in backward, "
+                 "and its gradient before the reduce-scatter) + activations (what a forward keeps for backward).")
     return "\n".join(lines)
 
 
@@ -233,9 +263,11 @@ def _runs(ranks, meshes):
 
 
 def main(argv=None) -> int:
-    from bench.report import summary as report
+    from bench.cli import add_train_options, train_config
     from bench.harness.families import FAMILIES
     from bench.harness.hub_families import PRESETS
+    from bench.harness.training import TrainConfig
+    from bench.report import summary as report
 
     p = argparse.ArgumentParser(prog="python -m bench plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,6 +281,7 @@ def main(argv=None) -> int:
                         "a (\"batch\", \"model\") mesh of B x M ranks, e.g. --mesh 1d,2x4,8x8,128x8")
     p.add_argument("--json", help="write {meta, rows} here")
     p.add_argument("--no-step", action="store_true", help="plan the build only")
+    add_train_options(p, TrainConfig(**PLAN_DEFAULT), batch_default_text="one sequence per data-parallel rank")
     args = p.parse_args(argv)
     ranks = [int(x) for x in args.ranks.split(",") if x]
     if not ranks or min(ranks) < 1:
@@ -264,14 +297,15 @@ def main(argv=None) -> int:
         raise SystemExit(str(exc)) from None
     rows = []
     for n, shape in runs:
-        rows += plan(args.family, size, [n], step=not args.no_step, log=sys.stderr, mesh=shape)
+        train = train_config(args, batch=shape[0] if shape else 1)
+        rows += plan(args.family, size, [n], step=not args.no_step, log=sys.stderr, mesh=shape, train=train)
     print(table(rows))
     for r in rows:
         if r.get("step_error"):
             print(f"N={r['ranks']} mesh {r.get('mesh', '1d')}: the train step could not run: {r['step_error']}")
     if args.json:
         meta = report.meta(device="cpu (FakeTensorMode, fake process group)", budget_bytes=None,
-                           extra={"command": " ".join(sys.argv), "dtype": "float32", "rank": 0})
+                           extra={"command": " ".join(sys.argv), "rank": 0})
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return 0
