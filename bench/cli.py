@@ -155,7 +155,7 @@ def make_parser(prog=PROG, description=None):
     return add_train_options(p, DEFAULT)
 
 
-def _positive_int(text):
+def positive_int(text):
     try:
         value = int(text)
     except ValueError:
@@ -178,10 +178,11 @@ def add_train_options(p, defaults, *, batch_default_text=None):
                         f"bfloat16 (bfloat16 variables) (default: {defaults.precision})")
     g.add_argument("--remat", choices=REMATS, default=defaults.remat,
                    help="full: every block recomputed in backward, keeping only its input "
-                        f"(keras.RematScope) (default: {defaults.remat})")
-    g.add_argument("--seq", type=_positive_int, default=defaults.seq, metavar="N",
+                        f"(keras.RematScope) (default: {defaults.remat}"
+                        + ("; none for the mlp in mixed_bfloat16)" if defaults.remat == "full" else ")"))
+    g.add_argument("--seq", type=positive_int, default=defaults.seq, metavar="N",
                    help=f"tokens per sequence, transformer and keras-hub families (default: {defaults.seq})")
-    g.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--batch", type=positive_int, default=None, metavar="N",
                    help="global batch, split over the data axis of a BxM mesh, whole on every rank of a "
                         f"1-D mesh (default: {batch_default_text or defaults.batch})")
     return p
@@ -265,7 +266,18 @@ def parse_args(argv, *, parser=None, out_default="bench-results", modes_default=
     if problem:
         p.error(problem)
     args.train = train_config(args)
+    _check_train(p, args.families, args.train)
     return args
+
+
+def _check_train(parser, families, train) -> None:
+    from bench.harness.training import check_supported
+
+    for family in families:
+        try:
+            check_supported(family, train)
+        except ValueError as exc:
+            parser.error(str(exc))
 
 
 def budget_bytes(budget, sizes):

@@ -29,6 +29,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 from bench.harness.families import BATCH, HUB, SEQ  # noqa: E402
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "PRECISIONS", "REMATS", "DEFAULT", "state_bytes_per_param", "variable_itemsize",
+           "check_supported",
            "dtype_policy", "compile_model", "train_data", "train_step", "model_state_bytes"]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -61,6 +62,17 @@ class TrainConfig:
 
 
 DEFAULT = TrainConfig()
+
+
+def check_supported(family: str, config: TrainConfig) -> None:
+    """ValueError for a combination Keras itself cannot train (checked before any rank starts)."""
+    if family == "mlp" and config.remat == "full" and config.precision == "mixed_bfloat16":
+        raise ValueError(
+            "--remat full with --precision mixed_bfloat16 cannot train the mlp family: Keras' RematScope "
+            "recomputes a Dense layer's call outside the layer's autocast scope, so the recomputed values "
+            "differ in dtype (torch.utils.checkpoint raises CheckpointError; stock Keras too). Use "
+            "--precision float32 or bfloat16 for the mlp, or the transformer family (its blocks are "
+            "rematerialized whole).")
 
 
 def variable_itemsize(config: TrainConfig) -> int:

@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-__all__ = ["plan_rank", "plan", "parse_params", "default_train", "describe_error", "step_bound", "table", "main"]
+__all__ = ["plan_rank", "plan", "parse_params", "default_train", "describe_error", "step_terms", "table", "main"]
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
@@ -166,11 +166,11 @@ def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def step_bound(row) -> int | None:
-    """The derived per-rank bound of the run's peak: the model state (weights, gradients and
-    optimizer slots in the variables' layouts) + 2 x the largest gathered block (the weight
-    gathered again in backward and its gradient before the reduce-scatter) + the activations a
-    forward keeps."""
+def step_terms(row) -> int | None:
+    """The run's named terms per rank: the model state (weights, gradients and optimizer slots
+    in the variables' layouts) + 2 x the largest gathered block (the weight gathered again in
+    backward and its gradient before the reduce-scatter) + the activations a forward keeps. What
+    the run's peak has beyond them is temporaries (the optimizer's update, the loss's)."""
     if row.get("activation_bytes") is None or row.get("model_state_bytes") is None:
         return None
     return row["model_state_bytes"] + 2 * row["gathered_block_bytes"] + row["activation_bytes"]
@@ -189,15 +189,14 @@ def _forward_kept_bytes(model, inputs) -> int:
 
 
 def plan(family: str, param_bytes, ranks_list, *, step: bool = True, log=None, mesh=None,
-         train=None) -> list[dict]:
-    """One row per world size in ``ranks_list`` (each in a fresh process).
+         train=None, jobs: int = 1) -> list[dict]:
+    """One row per world size in ``ranks_list``, each planned in a fresh process (``jobs`` at a time).
 
     ``mesh``: None for the family's 1-D mesh, or (B, M) / 'BxM' for a ("batch", "model") mesh
     (then ``ranks_list`` may be omitted or must be [B x M]). ``train``: a `TrainConfig`, or
     None for `default_train` (one sequence per data-parallel rank).
     """
     from bench.harness.families import parse_mesh
-    from shardimpl.launch import process_context
 
     shape = parse_mesh(mesh)
     if shape is not None:
@@ -205,16 +204,26 @@ def plan(family: str, param_bytes, ranks_list, *, step: bool = True, log=None, m
         if ranks_list != [shape[0] * shape[1]]:
             raise ValueError(f"plan: mesh {shape[0]}x{shape[1]} has {shape[0] * shape[1]} ranks; "
                              f"received ranks {ranks_list}.")
-    rows = []
-    for n in ranks_list:
-        if log:
-            label = f" mesh {shape[0]}x{shape[1]}" if shape else ""
-            print(f"plan: {family} N={n}{label} ...", end="", flush=True, file=log)
-        with ProcessPoolExecutor(1, mp_context=process_context(), max_tasks_per_child=1) as pool:
-            row = pool.submit(plan_rank, family, param_bytes, n, step, shape, train).result()
-        rows.append(row)
-        if log:
-            print(f" {row['seconds']:.1f} s", file=log)
+    return plan_runs(family, param_bytes, [(n, shape, train) for n in ranks_list], step=step, log=log, jobs=jobs)
+
+
+def plan_runs(family: str, param_bytes, runs, *, step: bool = True, log=None, jobs: int = 1) -> list[dict]:
+    """Rows for ``runs`` = [(N, mesh shape or None, TrainConfig or None)], in order; each in a
+    fresh process (the fake world is process-global), ``jobs`` processes at a time."""
+    from concurrent.futures import as_completed
+
+    from shardimpl.launch import process_context
+
+    jobs = max(1, min(jobs, len(runs)))
+    with ProcessPoolExecutor(jobs, mp_context=process_context(), max_tasks_per_child=1) as pool:
+        futures = {pool.submit(plan_rank, family, param_bytes, n, step, shape, train): i
+                   for i, (n, shape, train) in enumerate(runs)}
+        rows = [None] * len(runs)
+        for future in as_completed(futures):
+            row = rows[futures[future]] = future.result()
+            if log:
+                print(f"plan: {family} N={row['ranks']} mesh {row['mesh']}: {row['seconds']:.1f} s", file=log,
+                      flush=True)
     return rows
 
 
@@ -227,7 +236,7 @@ def table(rows) -> str:
     from bench.report.summary import count_text, train_label
 
     lines = ["family | params | N | mesh | step | build peak | build/ideal | run peak | model state | "
-             "ZeRO's state | gathered block | activations | bound | run peak / ZeRO's state",
+             "ZeRO's state | gathered block | activations | temporaries | run peak / ZeRO's state",
              " | ".join(["---"] * 14)]
     for r in rows:
         peak, zero = r.get("step_peak_bytes"), r.get("zero_state_bytes")
@@ -235,16 +244,18 @@ def table(rows) -> str:
             r["family"], count_text(r["params"]), str(r["ranks"]), r.get("mesh", "1d"), train_label(r),
             _mib(r["build_peak_bytes"]), f"{r['build_peak_bytes'] / r['ideal_bytes']:.3f}",
             _mib(peak), _mib(r.get("model_state_bytes")), _mib(zero), _mib(r.get("gathered_block_bytes")),
-            _mib(r.get("activation_bytes")), _mib(step_bound(r)),
+            _mib(r.get("activation_bytes")),
+            "-" if peak is None or step_terms(r) is None else _mib(peak - step_terms(r)),
             "-" if peak is None or not zero else f"{peak / zero:.2f}",
         ]))
     lines.append("")
     lines.append("MiB per rank (rank 0 holds the largest shards). run peak: live bytes over the build and two "
                  "train steps (Keras' compile + train_step). model state: this rank's weights + gradients + "
                  "optimizer slots, measured; ZeRO's state: bytes per parameter x params / N (16 for AdamW in "
-                 "float32 or mixed_bfloat16, 12 for SGD with momentum, half in bfloat16). bound = model state "
-                 "+ 2 x gathered block (the block a layer gathers along \"batch\", gathered again in backward, "
-                 "and its gradient before the reduce-scatter) + activations (what a forward keeps for backward).")
+                 "float32 or mixed_bfloat16, 12 for SGD with momentum, half in bfloat16). gathered block: the "
+                 "largest a layer gathers along \"batch\" (it and its gradient coexist in backward). activations: "
+                 "what a forward keeps for backward (block inputs under remat). temporaries = run peak - (model "
+                 "state + 2 x gathered block + activations): the optimizer's update and the loss's buffers.")
     return "\n".join(lines)
 
 
@@ -263,10 +274,10 @@ def _runs(ranks, meshes):
 
 
 def main(argv=None) -> int:
-    from bench.cli import add_train_options, train_config
+    from bench.cli import add_train_options, positive_int, train_config
     from bench.harness.families import FAMILIES
     from bench.harness.hub_families import PRESETS
-    from bench.harness.training import TrainConfig
+    from bench.harness.training import TrainConfig, check_supported
     from bench.report import summary as report
 
     p = argparse.ArgumentParser(prog="python -m bench plan", description=__doc__,
@@ -281,7 +292,10 @@ def main(argv=None) -> int:
                         "a (\"batch\", \"model\") mesh of B x M ranks, e.g. --mesh 1d,2x4,8x8,128x8")
     p.add_argument("--json", help="write {meta, rows} here")
     p.add_argument("--no-step", action="store_true", help="plan the build only")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                   help="rows planned at once, each in its own process (default: the CPU count)")
     add_train_options(p, TrainConfig(**PLAN_DEFAULT), batch_default_text="one sequence per data-parallel rank")
+    p.set_defaults(remat=None)  # full, but none for the mlp under mixed precision (`check_supported`)
     args = p.parse_args(argv)
     ranks = [int(x) for x in args.ranks.split(",") if x]
     if not ranks or min(ranks) < 1:
@@ -291,15 +305,22 @@ def main(argv=None) -> int:
         args.family, size = PRESETS[preset][0], preset
     else:
         size = parse_params(args.params)
+    if args.remat is None:
+        args.remat = "none" if args.family == "mlp" and args.precision == "mixed_bfloat16" else "full"
     try:
         runs = _runs(ranks, [m for m in args.mesh.split(",") if m])
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    rows = []
-    for n, shape in runs:
-        train = train_config(args, batch=shape[0] if shape else 1)
-        rows += plan(args.family, size, [n], step=not args.no_step, log=sys.stderr, mesh=shape, train=train)
+    runs = [(n, shape, train_config(args, batch=shape[0] if shape else 1)) for n, shape in runs]
+    try:
+        check_supported(args.family, runs[0][2])
+    except ValueError as exc:
+        p.error(str(exc))
+    start = time.perf_counter()
+    rows = plan_runs(args.family, size, runs, step=not args.no_step, log=sys.stderr, jobs=args.jobs)
     print(table(rows))
+    print(f"planned {len(rows)} rows in {time.perf_counter() - start:.0f} s ({min(args.jobs, len(rows))} at a "
+          f"time); largest planning process {max(r['host_peak_rss_bytes'] for r in rows) / 2**30:.2f} GiB RSS")
     for r in rows:
         if r.get("step_error"):
             print(f"N={r['ranks']} mesh {r.get('mesh', '1d')}: the train step could not run: {r['step_error']}")
