@@ -21,6 +21,7 @@ Each N runs in a fresh process (the fake world is process-global).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -119,14 +120,15 @@ def plan_rank(family: str, param_bytes, ranks: int, step: bool = True, mesh=None
                     training.compile_model(model, family, train)
                     training.train_step(model, data)  # creates the optimizer's slots, as the harness
                     fsdp_stats().reset()
-                    training.train_step(model, data)  # a forward beside the last step's gradients
+                    with _forward_kept(model, run) as kept:
+                        training.train_step(model, data)  # a forward beside the last step's gradients
                     row["gathered_block_bytes"] = fsdp_stats().largest_bytes
+                    row["activation_bytes"] = kept["bytes"]
                 except Exception as exc:  # a layout DTensor cannot run at this N is a result, not a crash
                     row["step_error"] = describe_error(exc)
         if step and row["step_error"] is None:
             row["step_peak_bytes"] = run.result().device_peak_bytes
             row.update(training.model_state_bytes(model))
-            row["activation_bytes"] = _forward_kept_bytes(model, data[0])
     row["seconds"] = time.perf_counter() - start
     row["host_peak_rss_bytes"] = _max_rss()
     return row
@@ -176,16 +178,27 @@ def step_terms(row) -> int | None:
     return row["model_state_bytes"] + 2 * row["gathered_block_bytes"] + row["activation_bytes"]
 
 
-def _forward_kept_bytes(model, inputs) -> int:
-    """Bytes a forward leaves alive for its backward (activations; gathered weights are tokens)."""
-    from shardimpl.meters import PeakMeter
+@contextlib.contextmanager
+def _forward_kept(model, meter):
+    """Measures, during one Keras train step, the bytes its forward keeps for the backward: the
+    live bytes when the loss is computed (Keras' torch step has run the forward and dropped the
+    last step's gradients by then) less those when the step started, gradients excluded."""
+    kept = {"bytes": None}
+    start = {}
+    original = model.compute_loss
 
-    with PeakMeter("cpu") as meter:
-        out = model(inputs, training=True)
-        loss = (out.float() ** 2).mean()
-    kept = meter.result().live_bytes_end
-    del out, loss
-    return kept
+    def compute_loss(*args, **kwargs):
+        if kept["bytes"] is None:
+            kept["bytes"] = meter.live_bytes - start["live"]
+        return original(*args, **kwargs)
+
+    grads = sum(_local(v.value.grad) for v in model.trainable_weights if v.value.grad is not None)
+    start["live"] = meter.live_bytes - grads
+    model.compute_loss = compute_loss
+    try:
+        yield kept
+    finally:
+        del model.compute_loss
 
 
 def plan(family: str, param_bytes, ranks_list, *, step: bool = True, log=None, mesh=None,
