@@ -13,6 +13,7 @@ import math
 import os
 
 from bench.harness.families import FAMILIES, HUB
+from bench.harness.peer_layouts import LAYOUTS
 from bench.harness.scenarios import MODES
 
 MiB = 1 << 20
@@ -150,6 +151,9 @@ def make_parser(prog=PROG, description=None):
                    help="meshes for the sharded modes: 1d (the family's own) and/or BxM, a (\"batch\", "
                         "\"model\") mesh of B x M ranks run where B x M is in --ranks (default: 1d; "
                         "e.g. --mesh 1d,2x2)")
+    p.add_argument("--layouts", choices=LAYOUTS, default="family",
+                   help="LayoutMaps on the 1-D mesh: the family's own, or width-split, the families' previous "
+                        "maps (what `peers` runs keras-native on where it fails on the family's) (default: family)")
     return p
 
 
