@@ -404,7 +404,7 @@ def plot_peers(rows, out_dir) -> list[str]:
             _peer_panel(ax, lines, ideal, ylabel, key.endswith("seconds"))
             ax.set_title(f"{fam}, P = {p / MiB:.0f} MiB: {ylabel.split(' (')[0]}", fontsize=10)
     note = ("Filled marker: measured (allocator peak; step time as timed). Hollow marker: not an allocator's "
-            "peak (keras-jax on CPU: build = live JAX arrays sampled at each variable's placement, step = XLA's "
-            "memory analysis of the compiled step). keras-jax's N devices share one process.")
+            "peak (keras-jax on CPU: build = live JAX arrays sampled at each variable's placement; step = XLA's "
+            "memory analysis of the compiled step less the variables). keras-jax's N devices share one process.")
     return [_save(fig, out_dir, "peers_vs_ranks.png", {}, "shardimpl and its peers against N, at the largest "
                   "size: build peak, step peak, step time", note=note)]

@@ -46,13 +46,14 @@ DEFINITIONS = (
 )
 
 PEER_DEFINITIONS = (
-    "Peers: keras-native = keras-nightly's torch ModelParallel (N processes, gloo, allocator peaks as for "
-    "sharded); keras-jax = Keras 3.15.1 on JAX, its N devices in one process: its build figure is the largest "
-    "sum of live JAX arrays on a device, sampled each time Keras places a variable (the allocator's peak on "
-    "GPU), its step figure XLA's memory analysis of the compiled step (arguments + unaliased outputs + "
-    "temporaries: XLA's plan, not a measurement; the allocator's peak on GPU), its step time that of one "
-    "jitted step over devices that share one process (no inter-process transport: flattering). Step time "
-    "over its own N = 1: sharded over stock Keras (torch), a peer over itself."
+    "Peers: keras-native = keras-nightly's torch ModelParallel (N processes over gloo, measured as sharded is). "
+    "keras-jax = Keras 3.15.1 on JAX with the same map and step, its N devices in one process (no "
+    "inter-process transport: that flatters its step time). Its build figure is the largest sum of live JAX "
+    "arrays on a device above the start, sampled each time Keras places a variable (the allocator's peak on "
+    "GPU); its step figure is XLA's memory analysis of the compiled step (arguments + unaliased outputs + "
+    "temporaries) less the device's variables, i.e. like the harness' figure the peak above the variables "
+    "held at the step's start: XLA's plan, not a measurement. Step time over its own N = 1: sharded over "
+    "stock Keras (torch), a peer over itself."
 )
 
 

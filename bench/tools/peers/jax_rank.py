@@ -18,8 +18,11 @@ uses), then measures:
 * the train step the harness runs (forward, loss = mean(out ** 2), backward, SGD lr 1e-3 with
   momentum 0.9), as one ``jax.jit`` function over Keras' stateless calls with the variables'
   own shardings kept and the state donated; XLA's memory analysis of that compiled step (per
-  device: arguments, outputs, aliased, temporaries), the allocator's peak where JAX reports one,
-  and the median time of ``--steps`` steps after a warm-up.
+  device: arguments, outputs, aliased, temporaries), the allocator's lifetime peak where JAX
+  reports one (it has no reset), and the median time of ``--steps`` steps after a warm-up.
+
+Build figures are above what was live before the build, as the harness' meters count a
+block's peak above its entry.
 
 The input batch comes from the harness (``--batch``, saved by the parent from
 `bench.harness.families.sample_batch`), replicated on every device as the harness' ranks each
@@ -29,6 +32,7 @@ hold it whole.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -56,16 +60,22 @@ def _device_bytes(arrays) -> dict[int, int]:
 
 
 class LiveArrayPeaks:
-    """The largest per-device sum of live JAX arrays seen at each `sample` call."""
+    """The largest per-device sum of live JAX arrays seen at each `sample` call, above what was
+    live when it was made (as the harness' meters count a block's peak above its entry)."""
 
     def __init__(self):
+        self.base = self._live()
         self.peaks: dict[int, int] = {}
 
-    def sample(self) -> None:
+    @staticmethod
+    def _live() -> dict[int, int]:
         import jax
 
-        for dev, nbytes in _device_bytes(a for a in jax.live_arrays() if not a.is_deleted()).items():
-            self.peaks[dev] = max(self.peaks.get(dev, 0), nbytes)
+        return _device_bytes(a for a in jax.live_arrays() if not a.is_deleted())
+
+    def sample(self) -> None:
+        for dev, nbytes in self._live().items():
+            self.peaks[dev] = max(self.peaks.get(dev, 0), nbytes - self.base.get(dev, 0))
 
 
 def _sampling_at_placement(peaks: LiveArrayPeaks):
@@ -109,12 +119,12 @@ def _sampling_at_placement(peaks: LiveArrayPeaks):
     return ctx()
 
 
-def _allocator_peaks(devices) -> dict[int, int] | None:
-    """{device id: peak_bytes_in_use} where every device reports one (GPU), else None (CPU)."""
+def _allocator_stats(devices, key) -> dict[int, int] | None:
+    """{device id: memory_stats()[key]} where every device reports it (GPU), else None (CPU)."""
     stats = {d.id: d.memory_stats() for d in devices}
-    if any(not s or "peak_bytes_in_use" not in s for s in stats.values()):
+    if any(not s or key not in s for s in stats.values()):
         return None
-    return {i: s["peak_bytes_in_use"] for i, s in stats.items()}
+    return {i: s[key] for i, s in stats.items()}
 
 
 def _load_batch(path):
@@ -180,8 +190,9 @@ def measure(family: str, param_bytes: int, ranks: int, device: str, batch_path: 
     mesh = model_mesh(family, names)
     lm = layout_map(family, mesh, param_bytes)
     keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=lm))
+    gc.collect()
+    in_use = _allocator_stats(devices, "bytes_in_use")
     peaks = LiveArrayPeaks()
-    peaks.sample()
     start = time.perf_counter()
     with _sampling_at_placement(peaks):
         model = build_model(family, param_bytes)
@@ -194,9 +205,9 @@ def measure(family: str, param_bytes: int, ranks: int, device: str, batch_path: 
            "variable_bytes": [held.get(i, 0) for i in ids],
            "build_live_peak_bytes": [peaks.peaks.get(i, 0) for i in ids],
            "build_allocator_peak_bytes": None, "step": None}
-    alloc = _allocator_peaks(devices)
-    if alloc:
-        out["build_allocator_peak_bytes"] = [alloc[i] for i in ids]
+    alloc = _allocator_stats(devices, "peak_bytes_in_use")
+    if alloc and in_use:  # the allocator's peak since start-up, less what was in use before the build
+        out["build_allocator_peak_bytes"] = [alloc[i] - in_use[i] for i in ids]
     if batch_path:
         out["step"] = _measure_step(model, mesh, devices, _load_batch(batch_path), steps)
     return out
@@ -226,11 +237,11 @@ def _measure_step(model, mesh, devices, batch, steps: int) -> dict:
         jax.block_until_ready((loss, state))
         times.append(time.perf_counter() - start)
     ids = [d.id for d in devices]
-    alloc = _allocator_peaks(devices)
+    alloc = _allocator_stats(devices, "peak_bytes_in_use")
     return {"compile_seconds": compile_seconds, "step_seconds": statistics.median(times),
             "steps_per_second": steps / sum(times), "loss": float(loss),
             "xla": _xla_memory(compiled),
-            "allocator_peak_bytes": [alloc[i] for i in ids] if alloc else None}
+            "allocator_lifetime_peak_bytes": [alloc[i] for i in ids] if alloc else None}
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,11 @@ Its figures, per device (a row's ``peak_source`` names which):
 * build: the allocator's peak where JAX reports one (GPU), else the largest sum of live JAX
   arrays on the device, sampled each time Keras places a variable; ``local_bytes`` is the
   bytes of the variables' shards the device holds after the build;
-* step: the allocator's peak where JAX reports one (GPU), else XLA's memory analysis of the
-  compiled step (arguments + outputs not aliased to donated arguments + temporaries: what XLA
-  plans to have live at once, not a measurement), with its parts as ``xla_*_bytes``;
+* step: XLA's memory analysis of the compiled step (arguments + outputs not aliased to donated
+  arguments + temporaries: what XLA plans to have live at once, a plan, not a measurement),
+  less the device's variables, so that like the harness' step figure it is the peak above the
+  variables held at the step's start (the harness' step makes its momentum slots; here they
+  are arguments, and counted); its parts are the row's ``xla_*_bytes``;
 * step time: the median of three steps after a warm-up, as the harness times its own.
 There is no budgeted run: JAX has no per-device allocation limit to set on CPU.
 """
@@ -107,11 +109,12 @@ def rows_from_result(scenario, result: dict) -> list[dict]:
     step = result.get("step")
     if scenario.step and step:
         xla = step.get("xla") or {}
-        alloc = step.get("allocator_peak_bytes")
         for i in range(n):
-            rows.append({**base, "rank": i, "phase": "step", "local_bytes": result["variable_bytes"][i],
-                         "peak_bytes": alloc[i] if alloc else xla.get("step_bytes"),
-                         "peak_source": "allocator peak" if alloc else "XLA memory analysis",
+            held = result["variable_bytes"][i]
+            # As the harness' step figure: the peak above the variables held at the step's start.
+            above = xla["step_bytes"] - held if xla.get("step_bytes") is not None else None
+            rows.append({**base, "rank": i, "phase": "step", "local_bytes": held, "peak_bytes": above,
+                         "peak_source": "XLA memory analysis",
                          "step_seconds": step["step_seconds"], "steps_per_second": step["steps_per_second"],
                          "compile_seconds": step["compile_seconds"], "ideal_bytes": 2 * p / n,
                          **{f"xla_{k}": v for k, v in xla.items()}})

@@ -70,7 +70,7 @@ def _map_failures(rows) -> dict[str, str]:
     out = {}
     for r in rows:
         if r["status"] == "error" and r["family"] not in out:
-            out[r["family"]] = (r.get("error") or "error").strip().splitlines()[-1][:300]
+            out[r["family"]] = (r.get("error") or "error").strip().splitlines()[-1].lstrip("•* ")[:300]
     return out
 
 
