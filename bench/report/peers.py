@@ -18,7 +18,7 @@ from __future__ import annotations
 
 __all__ = ["PEER_MODES", "PEER_NAMES", "BUILD_TARGET", "SCALING_TARGET", "compare", "peer_verdicts"]
 
-PEER_MODES = ("keras-native", "keras-jax", "fsdp2")
+PEER_MODES = ("keras-jax", "keras-native", "fsdp2")  # the order the verdict names them in
 PEER_NAMES = {"keras-native": "keras-native", "keras-jax": "keras-jax", "fsdp2": "fsdp2"}
 BUILD_TARGET = 1.05  # shardimpl's build peak over the best peer's, at every N
 SCALING_TARGET = 1.2  # shardimpl's step-time scaling over keras-jax's

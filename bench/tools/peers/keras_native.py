@@ -87,6 +87,9 @@ def run(args, scenarios, *, venv=None, log=sys.stderr):
     if rows is None:
         return failed_rows(scenarios, meta), {"venv": venv}
     failures = _map_failures(rows)
+    for fam, err in failures.items():
+        print(f"peers: keras-native cannot run the {fam} family's map ({err}); running {fam} again on the "
+              "previous width-split map, whose rows replace these", file=log, flush=True)
     if failures:
         again, _ = _run_in_venv(python, args, list(failures), "width-split",
                                 sum(s.family in failures for s in scenarios), log)
