@@ -215,6 +215,11 @@ def parse_args(argv, *, parser=None, out_default="bench-results", modes_default=
     args.modes = args.modes or modes_default
     args.no_step = args.no_step or quick
     args.out = args.out or out_default
+    if args.layouts == "width-split" and (hub or args.mesh != (None,)):
+        p.error("--layouts width-split: the previous width-split maps exist for the mlp and transformer families "
+                f"on their 1-D mesh. Received: --families {','.join(args.families)}"
+                + (" --mesh " + ",".join(m and f"{m[0]}x{m[1]}" or "1d" for m in args.mesh) if args.mesh != (None,) else "")
+                + "; drop --layouts or choose --families mlp,transformer without --mesh")
     if native_here and "keras-native" in args.modes and not _has_keras_nightly():
         p.error("--modes keras-native needs keras-nightly, which this environment lacks; "
                 f"`{PROG} peers` measures it in its own virtualenv")

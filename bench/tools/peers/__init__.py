@@ -7,10 +7,10 @@ and a runner ``run(args, scenarios, *, log) -> (rows, meta)``. A peer that canno
 or run returns error rows; one that raises is caught here and becomes error rows too, so a peer
 never stops the report. Its failures are rows and a line in the verdict, not the exit status.
 
-* ``keras-native`` (`bench.tools.peers.keras_native`): keras-nightly's torch ModelParallel, in
-  its own virtualenv, on the family's map or, where that fails there, the previous width-split map.
 * ``keras-jax`` (`bench.tools.peers.keras_jax`): Keras 3.15.1 on JAX with the family's map,
   N devices in one process, in its own virtualenv.
+* ``keras-native`` (`bench.tools.peers.keras_native`): keras-nightly's torch ModelParallel, in
+  its own virtualenv, on the family's map or, where that fails there, the previous width-split map.
 
 ``naive`` is a mode of the harness itself (`bench.harness.naive`), run with stock Keras and
 shardimpl in this environment. A new peer (torch FSDP2, ...) is one module with a ``run`` and
@@ -37,8 +37,8 @@ class Peer:
 
 
 PEERS = {p.name: p for p in (
-    Peer(keras_native.NAME, "keras-nightly's own torch ModelParallel (builds full, then scatters)", keras_native.run),
     Peer(keras_jax.NAME, "Keras 3.15.1 on JAX, ModelParallel on N devices of one process", keras_jax.run),
+    Peer(keras_native.NAME, "keras-nightly's own torch ModelParallel (builds full, then scatters)", keras_native.run),
 )}
 
 
