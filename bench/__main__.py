@@ -267,8 +267,9 @@ def peers_main(argv) -> int:
                    help=f"peers to run, from {','.join(peers.peer_names())} (default: all)")
     p.add_argument("--venv", default=os.environ.get("SHARDIMPL_NIGHTLY_VENV", ".venv-nightly"),
                    help="the keras-nightly virtualenv to create or reuse (default: .venv-nightly)")
-    p.add_argument("--jax-venv", default=os.environ.get("SHARDIMPL_JAX_VENV", ".venv-jax"),
-                   help="the Keras-on-JAX virtualenv to create or reuse (default: .venv-jax)")
+    p.add_argument("--jax-venv", default=os.environ.get("SHARDIMPL_JAX_VENV"),
+                   help="the Keras-on-JAX virtualenv to create or reuse (default: .venv-jax; with --device "
+                        "cuda .venv-jax-cuda)")
     args = parse_args(argv, parser=p, out_default=os.path.join("bench-results", "peers"),
                       modes_default=("unsharded", "naive", "sharded"), native_here=False)
     args.argv = ["peers"] + list(argv)

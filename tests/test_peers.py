@@ -237,23 +237,22 @@ def test_width_split_splits_attention_by_heads_where_they_divide_and_refuses_oth
 JAX_VENV = os.environ.get("SHARDIMPL_JAX_VENV", os.path.join(ROOT, ".venv-jax"))
 
 
-def test_keras_jax_measures_the_mlp_on_one_and_two_devices(tmp_path):
+def test_keras_jax_measures_the_mlp_on_two_devices(tmp_path):
     """A real run: Keras 3.15.1 on JAX (CPU) in its virtualenv, made here when missing (about
-    40 s from a package index), then 2 MiB of mlp on 1 and 2 devices with a step."""
-    try:
-        keras_jax.ensure_venv(JAX_VENV, keras_jax.spec("cpu"), log=open(os.devnull, "w"))
-    except Exception as exc:  # no index reachable, no wheel for this platform
-        pytest.skip(f"the keras-jax virtualenv cannot be made here: {str(exc)[:300]}")
+    40 s from a package index), then 2 MiB of mlp on 2 devices with a step (about 15 s)."""
     p = 2 * MiB
-    scen = [Scenario("mlp", p, n, "keras-jax", step=True) for n in (1, 2)]
-    rows, meta = keras_jax.run(_args(tmp_path, jax_venv=JAX_VENV, timeout=240.0), scen, log=open(os.devnull, "w"))
+    scen = [Scenario("mlp", p, 2, "keras-jax", step=True)]
+    with open(os.devnull, "w") as quiet:
+        rows, meta = keras_jax.run(_args(tmp_path, jax_venv=JAX_VENV, timeout=240.0), scen, log=quiet)
+    if "environment unavailable" in (rows[0].get("error") or ""):  # no index reachable, no wheel here
+        pytest.skip(f"the keras-jax virtualenv cannot be made here: {rows[0]['error'][:300]}")
     assert {r["status"] for r in rows} == {"ok"}, rows[0].get("error")
     assert meta["keras"] == "3.15.1" and meta["jax"]
     exact = families.exact_param_bytes("mlp", p)
     width = families.dims_for("mlp", p)["width"]
     replicated = 2 * width * 4  # the biases of the two row-split layers (dense_1, dense_3)
     build = {(r["ranks"], r["rank"]): r for r in rows if r["phase"] == "build"}
-    assert build[(1, 0)]["local_bytes"] == exact
+    assert len(rows) == 2 * 2
     for rank in (0, 1):  # each device holds its half of the split variables and all of the replicated ones
         assert build[(2, rank)]["local_bytes"] == (exact - replicated) // 2 + replicated
         assert build[(2, rank)]["peak_bytes"] >= build[(2, rank)]["local_bytes"]

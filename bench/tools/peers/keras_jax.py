@@ -2,7 +2,8 @@
 
 What a Keras user who wants model parallelism picks today: ``ModelParallel`` with the family's
 LayoutMap on N JAX devices. It runs in its own virtualenv (``--jax-venv``, default
-``.venv-jax``: keras==3.15.1 and jax from PyPI, no torch; created on first use), one process
+``.venv-jax``, ``.venv-jax-cuda`` with ``--device cuda``: keras==3.15.1 and jax from PyPI, no
+torch; created on first use), one process
 per scenario (`bench.tools.peers.jax_rank`), which returns one JSON result; its rows here have
 the harness' shape, one per device per phase.
 
@@ -129,35 +130,32 @@ def _run_one(python, scenario, folder, timeout, log) -> list[dict]:
         done = subprocess.run(_command(python, scenario, batch), capture_output=True, text=True, env=env,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
-        return failed_rows([scenario], f"keras-jax: no result within {timeout:g} s", status="timeout")
+        return failed_rows([scenario], f"keras-jax: no result within {timeout:g} s", status="timeout"), None
     result = _parse(done.stdout)
     if done.returncode != 0 or result is None:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]
         print(f"peers: keras-jax {scenario.family} N={scenario.ranks} failed:\n{done.stderr[-3000:]}",
               file=log, flush=True)
-        return failed_rows([scenario], f"keras-jax: {last}")
-    return rows_from_result(scenario, result)
+        return failed_rows([scenario], f"keras-jax: {last}"), None
+    return rows_from_result(scenario, result), {k: result.get(k) for k in ("keras", "jax")}
 
 
 def run(args, scenarios, *, venv=None, log=sys.stderr):
     """keras-jax's rows for ``scenarios`` (unbudgeted), one JAX process per scenario."""
-    venv = venv or getattr(args, "jax_venv", None) or ".venv-jax"
+    venv = venv or getattr(args, "jax_venv", None) or (".venv-jax-cuda" if args.device == "cuda" else ".venv-jax")
     try:
         python = ensure_venv(venv, spec(args.device), log=log)
     except Exception as exc:  # reported in the results, never hidden
         return failed_rows(scenarios, f"keras-jax environment unavailable: {exc}"), {"venv": venv}
-    rows = []
+    rows, versions = [], {}
     with tempfile.TemporaryDirectory(prefix="shardimpl-peers-jax-") as folder:
         for i, s in enumerate(scenarios, 1):
-            new = _run_one(python, s, folder, args.timeout, log)
+            new, found = _run_one(python, s, folder, args.timeout, log)
+            versions = versions or found or {}
             status = new[0]["status"] if new else "?"
             print(f"peers: keras-jax [{i}/{len(scenarios)}] {s.family} {s.param_bytes >> 20} MiB N={s.ranks} "
                   f"{status}", file=log, flush=True)
             rows += new
-    versions = subprocess.run([python, "-c", "import jax, keras; print(keras.__version__, jax.__version__)"],
-                              capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "jax",
-                                                                    **_platform_env(args.device, 1)})
-    keras_v, _, jax_v = versions.stdout.strip().partition(" ")
-    return rows, {"venv": venv, "keras": keras_v or None, "jax": jax_v or None,
+    return rows, {"venv": venv, "keras": versions.get("keras"), "jax": versions.get("jax"),
                   "devices": "one process holds the N devices" + (
                       " (XLA host-platform devices)" if args.device == "cpu" else "")}
