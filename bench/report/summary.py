@@ -393,7 +393,9 @@ def meta_lines(meta_: dict) -> list[tuple[str, str]]:
             out.append(("keras-native", ", ".join(f"{k} {v}" for k, v in value.items() if v)))
         if key == "peers" and isinstance(value, dict):
             for name, info in value.items():
-                out.append((name, "; ".join(f"{k} {v}" for k, v in (info or {}).items() if v)))
+                info = dict(info or {})
+                rest = "; ".join(f"{k}: {v}" for k, v in info.items() if v and k != "what")
+                out.append((name, (info.get("what") or name) + (f" ({rest})" if rest else "")))
     return out
 
 

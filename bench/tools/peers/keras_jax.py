@@ -156,6 +156,4 @@ def run(args, scenarios, *, venv=None, log=sys.stderr):
             print(f"peers: keras-jax [{i}/{len(scenarios)}] {s.family} {s.param_bytes >> 20} MiB N={s.ranks} "
                   f"{status}", file=log, flush=True)
             rows += new
-    return rows, {"venv": venv, "keras": versions.get("keras"), "jax": versions.get("jax"),
-                  "devices": "one process holds the N devices" + (
-                      " (XLA host-platform devices)" if args.device == "cpu" else "")}
+    return rows, {"venv": venv, "keras": versions.get("keras"), "jax": versions.get("jax")}
