@@ -195,7 +195,11 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
 
     from bench.report.summary import summarize
 
-    measured, budgeted = _points(summarize(rows))
+    summary = summarize(rows)
+    measured, budgeted = _points(summary)
+    sampled = sorted({s["mode"] for s in summary if s.get("build_peak_source") not in (None, "allocator peak")})
+    note = (f"{', '.join(sampled)}: not an allocator's peak (live arrays sampled at each variable's placement; "
+            "its devices share one process)." if sampled else None)
     keys = set(measured) | set(budgeted)
     families = sorted({k[0] for k in keys})
     if not families:
@@ -239,7 +243,7 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
             if j == 0:
                 ax.set_ylabel("per-rank build peak (MiB)")
     paths.append(_save(fig, out_dir, "scaling_vs_ranks.png", budgeted,
-                       "Per-rank build peak vs ranks: sharded follows P/N, stock Keras stays flat"))
+                       "Per-rank build peak vs ranks: sharded follows P/N, stock Keras stays flat", note=note))
 
     # --- per-rank peak vs model size, one panel per (family, N) -------------------------
     ranks = {f: sorted({k[2] for k in keys if k[0] == f}) for f in families}
@@ -280,7 +284,7 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
             if j == 0:
                 ax.set_ylabel("per-rank build peak (MiB)")
     paths.append(_save(fig, out_dir, "scaling_vs_size.png", budgeted,
-                       "Per-rank build peak vs model size: the budget only applies at the largest size"))
+                       "Per-rank build peak vs model size: the budget only applies at the largest size", note=note))
     return paths
 
 
