@@ -46,14 +46,16 @@ def scenarios_for(args, budget):
 
     meshes = getattr(args, "mesh", (None,))
     train = args.train
-    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size), mesh=mesh, train=train)
+    layouts = getattr(args, "layouts", "family")
+    out = [Scenario(fam, size * MiB, n, mode, device=args.device, step=_step_at(args, size), mesh=mesh,
+                    layouts=layouts, train=train)
            for n in args.ranks for mode in args.modes
            for mesh in (meshes if mode in ("sharded", "naive") else (None,))  # BxM: where B x M = N
            if mesh is None or mesh[0] * mesh[1] == n
            for fam in args.families for size in args.sizes]
     if budget:
         out += [Scenario(fam, max(args.sizes) * MiB, n, mode, device=args.device, budget_bytes=budget, step=False,
-                         train=train)
+                         layouts=layouts, train=train)
                 for n in args.ranks for mode in args.modes for fam in args.families]
     return out
 
@@ -133,15 +135,19 @@ def _wrap(label, text) -> str:
     return wrapped.replace(glue, " ")
 
 
-def write_all(args, rows, budget, extra=None) -> int:
+def write_all(args, rows, budget, extra=None, *, peers=()) -> int:
     """results.json, the plots, report.md, report.html; the table and the verdicts on stdout.
-    Exit status 1 if a rank errored or timed out."""
+    Exit status 1 if a rank of the harness errored or timed out; rows of the modes in ``peers``
+    are results like any other (their failures are in the table and the verdict), not the
+    harness' failures."""
     from bench.report import html as html_report
     from bench.report import plots as plotting
     from bench.report import summary as report
 
     os.makedirs(args.out, exist_ok=True)
     plots = plotting.plot_scaling(rows, args.out, budget)
+    if peers:
+        plots += plotting.plot_peers(rows, args.out)
     meta = report.meta(device=args.device, budget_bytes=budget, extra={
         "command": " ".join([PROG] + [shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])]),
         "started": _STARTED, "load_average_start": _LOAD_START, "load_average": list(os.getloadavg()),
@@ -159,7 +165,11 @@ def write_all(args, rows, budget, extra=None) -> int:
           + ", ".join(os.path.basename(p) for p in plots))
     print(f"wall time {time.perf_counter() - _START:.0f} s (1-minute load average {_LOAD_START[0]:.2f} "
           f"at the start, {os.getloadavg()[0]:.2f} now; {os.cpu_count()} CPUs)")
-    bad = [r for r in rows if r["status"] in ("error", "timeout")]
+    failed = [r for r in rows if r["status"] in ("error", "timeout")]
+    bad = [r for r in failed if r["mode"] not in peers]
+    if len(failed) > len(bad):
+        print(f"{len(failed) - len(bad)} peer rows failed (error/timeout): results, in the table and the "
+              "verdict; the exit status counts the harness' own rows", file=sys.stderr)
     if bad:
         print(f"{len(bad)} rank rows failed (error/timeout); see results.json", file=sys.stderr)
         return 1
@@ -231,34 +241,51 @@ def gate_main(argv) -> int:
     return 1 if violations else 0
 
 
+def _peer_list(text):
+    from bench.tools.peers import peer_names
+
+    names = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [x for x in names if x not in peer_names()]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(map(repr, bad)) or '(none given)'}; choose from "
+                                         f"{', '.join(peer_names())}, separated by commas. Received: {text!r}")
+    return names
+
+
 def peers_main(argv) -> int:
-    """`python -m bench peers [options]`: unsharded, naive, keras-native and sharded in one report."""
+    """`python -m bench peers [options]`: the harness' modes and every peer in one report."""
     from bench import cli
-    from bench.tools import peers
     from bench.harness.scenarios import Scenario
+    from bench.tools import peers
 
     p = cli.make_parser(f"{PROG} peers")
     p.description = peers.__doc__
     p.epilog = (f"example:\n  {PROG} peers --families mlp --sizes 16,64 --ranks 1,2\n"
-                "(creates or reuses the keras-nightly virtualenv --venv for the keras-native rows)")
+                f"  {PROG} peers --peers keras-jax --families transformer --sizes 64 --ranks 1,2\n"
+                "(creates or reuses each peer's virtualenv: --venv for keras-native, --jax-venv for keras-jax)\n\n"
+                "exit status: 0 when the harness worked (a peer's failures are rows and a verdict line), "
+                "1 when a rank of the harness failed, 2 bad options")
+    p.add_argument("--peers", type=_peer_list, default=peers.peer_names(), metavar="LIST",
+                   help=f"peers to run, from {','.join(peers.peer_names())} (default: all)")
     p.add_argument("--venv", default=os.environ.get("SHARDIMPL_NIGHTLY_VENV", ".venv-nightly"),
                    help="the keras-nightly virtualenv to create or reuse (default: .venv-nightly)")
+    p.add_argument("--jax-venv", default=os.environ.get("SHARDIMPL_JAX_VENV"),
+                   help="the Keras-on-JAX virtualenv to create or reuse (default: .venv-jax; with --device "
+                        "cuda .venv-jax-cuda)")
     args = parse_args(argv, parser=p, out_default=os.path.join("bench-results", "peers"),
                       modes_default=("unsharded", "naive", "sharded"), native_here=False)
     args.argv = ["peers"] + list(argv)
-    args.modes = tuple(m for m in args.modes if m != "keras-native")
+    args.modes = tuple(m for m in args.modes if m not in peers.peer_names())
     budget = budget_bytes(args.budget, args.sizes)
     _prepare_process()
     rows, _ = collect_rows(args, budget)
-    scenarios = [Scenario(f, s * MiB, n, "keras-native", device=args.device, budget_bytes=budget, train=args.train,
-                          step=_step_at(args, s))
-                 for f in args.families for s in args.sizes for n in args.ranks]
-    native_rows, native_meta = peers.run_keras_native(args, scenarios, args.venv)
-    rows += native_rows
-    extra = {"keras_native": {"venv": args.venv, "keras": (native_meta or {}).get("keras"),
-                              "torch": (native_meta or {}).get("torch"),
-                              "error": None if native_meta else native_rows[0]["error"] if native_rows else None}}
-    return write_all(args, rows, budget, extra)
+
+    def scenarios_for_peer(name):
+        return [Scenario(f, s * MiB, n, name, device=args.device, step=_step_at(args, s), train=args.train)
+                for f in args.families for s in args.sizes for n in args.ranks]
+
+    peer_rows, metas = peers.run_peers(args, scenarios_for_peer, args.peers)
+    return write_all(args, rows + peer_rows, budget, {"peers": metas}, peers=tuple(args.peers))
 
 
 def _check_plan_json(argv) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 
 from bench.harness.families import FAMILIES, HUB
+from bench.harness.peer_layouts import LAYOUTS
 from bench.harness.scenarios import MODES
 
 MiB = 1 << 20
@@ -150,6 +151,9 @@ def make_parser(prog=PROG, description=None):
                    help="meshes for the sharded modes: 1d (the family's own) and/or BxM, a (\"batch\", "
                         "\"model\") mesh of B x M ranks run where B x M is in --ranks (default: 1d; "
                         "e.g. --mesh 1d,2x2)")
+    p.add_argument("--layouts", choices=LAYOUTS, default="family",
+                   help="LayoutMaps on the 1-D mesh: the family's own, or width-split, the families' previous "
+                        "maps (what `peers` runs keras-native on where it fails on the family's) (default: family)")
     from bench.harness.training import DEFAULT
 
     return add_train_options(p, DEFAULT)
@@ -186,6 +190,12 @@ def add_train_options(p, defaults, *, batch_default_text=None):
                    help="global batch, split over the data axis of a BxM mesh, whole on every rank of a "
                         f"1-D mesh (default: {batch_default_text or defaults.batch})")
     return p
+
+
+def train_flags(train) -> list[str]:
+    """The command-line options that select ``train`` (a TrainConfig): for a run in another process."""
+    return ["--optimizer", train.optimizer, "--precision", train.precision, "--remat", train.remat,
+            "--seq", str(train.seq), "--batch", str(train.batch)]
 
 
 def train_config(args, *, batch=None):
@@ -254,6 +264,11 @@ def parse_args(argv, *, parser=None, out_default="bench-results", modes_default=
     args.modes = args.modes or modes_default
     args.no_step = args.no_step or quick
     args.out = args.out or out_default
+    if args.layouts == "width-split" and (hub or args.mesh != (None,)):
+        p.error("--layouts width-split: the previous width-split maps exist for the mlp and transformer families "
+                f"on their 1-D mesh. Received: --families {','.join(args.families)}"
+                + (" --mesh " + ",".join(m and f"{m[0]}x{m[1]}" or "1d" for m in args.mesh) if args.mesh != (None,) else "")
+                + "; drop --layouts or choose --families mlp,transformer without --mesh")
     if native_here and "keras-native" in args.modes and not _has_keras_nightly():
         p.error("--modes keras-native needs keras-nightly, which this environment lacks; "
                 f"`{PROG} peers` measures it in its own virtualenv")

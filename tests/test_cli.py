@@ -62,6 +62,8 @@ def test_subcommand_help_is_fast_with_an_example(sub):
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["peers", "--sizes", "abc"], "python -m bench peers: error: argument --sizes"),
+    (["peers", "--peers", "keras-jax,fsdp3"], "unknown peer 'fsdp3'; choose from keras-jax, keras-native"),
+    (["--layouts", "width-split", "--mesh", "2x2"], "--layouts width-split: the previous width-split maps exist"),
     (["gate", "--device", "tpu"], "python -m bench gate: error: argument --device"),
     (["plan", "--json", "/proc/forbidden/plan.json"], "python -m bench plan: error: --json: cannot create"),
 ])

@@ -57,6 +57,7 @@ class Scenario:
     step: bool = True
     mesh: tuple | None = None  # (B, M): a ("batch", "model") mesh; None: the family's 1-D mesh
     train: TrainConfig = DEFAULT  # the train step measured (and the model's batch, sequence, policy)
+    layouts: str = "family"  # "family" or "width-split" (the previous maps, `bench.harness.peer_layouts`)
 
 
 def _model_mesh(device: str, family: str = "mlp", mesh=None):
@@ -72,7 +73,7 @@ def _distribution(scenario: Scenario):
     import keras
 
     import shardimpl
-    from bench.harness.families import layout_map
+    from bench.harness.peer_layouts import peer_layout_map
 
     if scenario.mode == "unsharded":
         keras.distribution.set_distribution(None)  # stock Keras (a torchrun rank runs many scenarios)
@@ -90,8 +91,8 @@ def _distribution(scenario: Scenario):
 
         use_naive_creation()
     mesh = _model_mesh(scenario.device, scenario.family, scenario.mesh)
-    dist_ = keras.distribution.ModelParallel(
-        layout_map=layout_map(scenario.family, mesh, scenario.param_bytes, batch=scenario.train.batch))
+    lm = peer_layout_map(scenario.layouts, scenario.family, mesh, scenario.param_bytes, batch=scenario.train.batch)
+    dist_ = keras.distribution.ModelParallel(layout_map=lm)
     keras.distribution.set_distribution(dist_)
     return dist_
 
@@ -231,7 +232,7 @@ def rows_for(scenario: Scenario, launched) -> list[dict]:
         base = {
             "family": scenario.family, "param_bytes": param_bytes, "params": params, "ranks": scenario.ranks,
             "rank": r.rank, "mode": scenario.mode, "device": scenario.device,
-            "mesh": mesh_label(scenario.mesh, scenario.ranks),
+            "mesh": mesh_label(scenario.mesh, scenario.ranks), "layouts": scenario.layouts,
             "budget_bytes": scenario.budget_bytes, "status": "oom" if oom else r.status,
             "oom": oom, "error": value.get("error") or (r.error.splitlines()[-1] if r.error else None),
             "init_seconds": value.get("init_seconds"), "gather_seconds": value.get("gather_seconds"),

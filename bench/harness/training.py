@@ -29,7 +29,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 from bench.harness.families import BATCH, HUB, SEQ  # noqa: E402
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "PRECISIONS", "REMATS", "DEFAULT", "state_bytes_per_param", "variable_itemsize",
-           "check_supported",
+           "check_supported", "make_optimizer", "make_loss",
            "dtype_policy", "compile_model", "train_data", "train_step", "model_state_bytes"]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -100,7 +100,8 @@ def dtype_policy(config: TrainConfig):
         keras.config.set_dtype_policy(previous)
 
 
-def _optimizer(config: TrainConfig):
+def make_optimizer(config: TrainConfig):
+    """The config's Keras optimizer: SGD(1e-3, momentum 0.9) or AdamW(1e-4, weight decay 0.01)."""
     import keras
 
     if config.optimizer == "sgd":
@@ -108,16 +109,19 @@ def _optimizer(config: TrainConfig):
     return keras.optimizers.AdamW(1e-4, weight_decay=0.01)
 
 
-def compile_model(model, family: str, config: TrainConfig) -> None:
-    """``model.compile`` with the config's optimizer and the family's loss (no metrics)."""
+def make_loss(family: str):
+    """The family's loss: mean squared error (mlp), else sparse cross-entropy over the logits."""
     import keras
 
     if family == "mlp":
-        model.compile(optimizer=_optimizer(config), loss="mse")
-        return
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        return keras.losses.MeanSquaredError()
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def compile_model(model, family: str, config: TrainConfig) -> None:
+    """``model.compile`` with the config's optimizer and the family's loss (no metrics)."""
     extra = {"weighted_metrics": []} if family in HUB else {}
-    model.compile(optimizer=_optimizer(config), loss=loss, **extra)
+    model.compile(optimizer=make_optimizer(config), loss=make_loss(family), **extra)
 
 
 def train_data(family: str, param_bytes, config: TrainConfig, seed: int = 0):

@@ -35,6 +35,7 @@ tr.group td { border-top: 2px solid #ccc; }
 td.OOM { color: #b00; font-weight: bold; }
 td.mode-unsharded { color: #d62728; } td.mode-sharded { color: #1f77b4; }
 td.mode-naive { color: #c96200; } td.mode-keras-native { color: #2ca02c; }
+td.mode-keras-jax { color: #9467bd; } td.mode-fsdp2 { color: #8c564b; }
 td.error, td.timeout { color: #fff; background: #b00; }
 table.meta td:first-child { color: #666; padding-right: 18px; }
 table.meta td { font-family: system-ui, sans-serif; white-space: normal; }
@@ -76,7 +77,8 @@ def render(meta: dict, rows, plots=()) -> str:
     """The report as one HTML string (plots read from their PNG files and embedded)."""
     summary = report.summarize(rows)
     verdicts = report.verdicts(summary, meta.get("budget_bytes"))
-    failed = {s["family"] for s in summary if s["status"] not in ("ok", "OOM")}
+    failed = {s["family"] + (" vs peers" if s["mode"] in report.PEER_MODES else "")
+              for s in summary if s["status"] not in ("ok", "OOM")}
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              "<title>shardimpl scaling report</title>", f"<style>{_CSS}</style></head><body>",
@@ -95,7 +97,7 @@ def render(meta: dict, rows, plots=()) -> str:
             name = os.path.basename(p)
             parts.append(f"<img class='plot' alt='{html.escape(name)}' src='{_data_uri(p)}'>")
     parts.append("<h2>Scenarios</h2>")
-    parts.append(f"<p class='note'>{html.escape(report.DEFINITIONS)}</p>")
+    parts.append(f"<p class='note'>{html.escape(report.definitions(rows))}</p>")
     parts.append(_table(rows))
     parts.append("</body></html>\n")
     return "\n".join(parts)

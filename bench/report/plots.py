@@ -2,6 +2,9 @@
 
 * ``scaling_vs_ranks.png``: per-rank build peak against N, one panel per (family, model size).
 * ``scaling_vs_size.png``: per-rank build peak against model size, one panel per (family, N).
+* ``peers_vs_ranks.png`` (runs with peers): build peak, step peak and step time against N at the
+  largest size, one row of three panels per family, every mode on each; a hollow marker is a
+  figure that is not an allocator's peak (keras-jax on CPU: sampled live arrays, XLA's plan).
 
 Both: axes in MiB on log2 scales with plain-number ticks; each line labelled at its right end
 (mode and last value) instead of a legend; the ideal P/N drawn as a wide grey band under the
@@ -16,16 +19,18 @@ from __future__ import annotations
 import math
 import os
 
-__all__ = ["plot_scaling", "spread_labels"]
+__all__ = ["plot_scaling", "plot_peers", "spread_labels"]
 
 MiB = float(1 << 20)
 _STYLE = {  # mode: (name, colour, marker, line style)
     "unsharded": ("stock Keras", "#d62728", "s", "-"),
     "naive": ("naive", "#ff7f0e", "^", (0, (6, 3))),
     "keras-native": ("keras-native", "#2ca02c", "D", (0, (2, 2))),
+    "keras-jax": ("keras-jax", "#9467bd", "P", (0, (5, 1, 1, 1))),
+    "fsdp2": ("fsdp2", "#8c564b", "v", (0, (3, 1))),
     "sharded": ("sharded", "#1f77b4", "o", "-"),
 }
-_ORDER = ("unsharded", "naive", "keras-native", "sharded")
+_ORDER = ("unsharded", "naive", "keras-native", "keras-jax", "fsdp2", "sharded")
 _IDEAL = "#b0b0b0"
 _BUDGET = "#444444"
 
@@ -190,7 +195,11 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
 
     from bench.report.summary import summarize
 
-    measured, budgeted = _points(summarize(rows))
+    summary = summarize(rows)
+    measured, budgeted = _points(summary)
+    sampled = sorted({s["mode"] for s in summary if s.get("build_peak_source") not in (None, "allocator peak")})
+    note = (f"{', '.join(sampled)}: not an allocator's peak (live arrays sampled at each variable's placement; "
+            "its devices share one process)." if sampled else None)
     keys = set(measured) | set(budgeted)
     families = sorted({k[0] for k in keys})
     if not families:
@@ -234,7 +243,7 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
             if j == 0:
                 ax.set_ylabel("per-rank build peak (MiB)")
     paths.append(_save(fig, out_dir, "scaling_vs_ranks.png", budgeted,
-                       "Per-rank build peak vs ranks: sharded follows P/N, stock Keras stays flat"))
+                       "Per-rank build peak vs ranks: sharded follows P/N, stock Keras stays flat", note=note))
 
     # --- per-rank peak vs model size, one panel per (family, N) -------------------------
     ranks = {f: sorted({k[2] for k in keys if k[0] == f}) for f in families}
@@ -275,17 +284,17 @@ def plot_scaling(rows, out_dir, budget_bytes=None) -> list[str]:
             if j == 0:
                 ax.set_ylabel("per-rank build peak (MiB)")
     paths.append(_save(fig, out_dir, "scaling_vs_size.png", budgeted,
-                       "Per-rank build peak vs model size: the budget only applies at the largest size"))
+                       "Per-rank build peak vs model size: the budget only applies at the largest size", note=note))
     return paths
 
 
-def _save(fig, out_dir, name, budgeted, title) -> str:
+def _save(fig, out_dir, name, budgeted, title, note=None) -> str:
     """Title on top and the key to the marks at the bottom, both wrapped to the figure's width."""
     import textwrap
 
     import matplotlib.pyplot as plt
 
-    note = "Grey band: the ideal P/N."
+    note = "Grey band: the ideal P/N." + (f"  {note}" if note else "")
     if budgeted:
         note += ("  Dashed line: the per-rank budget, drawn at the size that ran under it.  X on it: that "
                  "run ran out of memory there (OOM).  Ring: that run fit under the budget.")
@@ -301,3 +310,105 @@ def _save(fig, out_dir, name, budgeted, title) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --- peers: build peak, step peak, step time against N ------------------------------------
+
+_PEER_FIGURES = (("build_peak_bytes", "per-rank build peak (MiB)", "ideal P/N", 1),
+                 ("step_peak_bytes", "per-rank step peak (MiB)", "ideal 2P/N", 2),
+                 ("step_step_seconds", "train step time (s)", None, None))
+
+
+def _peer_points(summary, fam, key):
+    """{mode: [(N, y, measured)]} at the family's largest size with a sharded figure (or any)."""
+    free = [s for s in summary if s["family"] == fam and not s["budget_bytes"] and s.get(key) is not None]
+    sizes = sorted({s["param_bytes"] for s in free if s["mode"] == "sharded"}) or sorted({s["param_bytes"] for s in free})
+    if not sizes:
+        return None, {}
+    p = sizes[-1]
+    lines = {}
+    phase = key.split("_", 1)[0]
+    for s in sorted((s for s in free if s["param_bytes"] == p), key=lambda s: s["ranks"]):
+        y = s[key] / MiB if key.endswith("bytes") else s[key]
+        measured = key.endswith("seconds") or s.get(f"{phase}_peak_source") in (None, "allocator peak")
+        lines.setdefault(s["mode"], []).append((s["ranks"], y, measured))
+    return p, lines
+
+
+def _peer_panel(ax, lines, ideal, ylabel, seconds):
+    import matplotlib
+
+    ns = sorted({n for pts in lines.values() for n, _, _ in pts})
+    values = [y for pts in lines.values() for _, y, _ in pts] + (ideal[1] if ideal else [])
+    lo, hi = _ylim(values)
+    labels = []
+    if ideal:
+        ax.plot(ideal[0], ideal[1], color=_IDEAL, lw=7, alpha=0.45, solid_capstyle="round", zorder=1)
+        labels.append((ideal[1][-1], ideal[2], "#808080"))
+    offsets = {n: _dodge({m: y for m, pts in lines.items() for k, y, _ in pts if k == n}, 0.09) for n in ns}
+    for mode in _modes(lines):
+        name, color, marker, ls = _style(mode)
+        pts = lines[mode]
+        xs = [n * 2 ** offsets[n][mode] for n, _, _ in pts]
+        ys = [y for _, y, _ in pts]
+        ax.plot(xs, ys, color=color, linestyle=ls, lw=2, zorder=4)
+        for x, (_, y, measured) in zip(xs, pts):
+            ax.plot([x], [y], marker=marker, markersize=7, color=color, zorder=5, linestyle="none",
+                    markerfacecolor=color if measured else "white", markeredgewidth=1.5)
+        last = f"{ys[-1]:.2f} s" if seconds else (f"{ys[-1]:.0f}" if ys[-1] >= 10 else f"{ys[-1]:.1f}")
+        labels.append((ys[-1], f"{name} {last}", color))
+    _label_lines(ax, labels, ns[-1], lo, hi)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(lo, hi)
+    ax.set_xlim(ns[0] / 1.3, ns[-1] * 4.2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if seconds:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+    else:
+        _mib_ticks(ax, lo, hi)
+    ax.grid(True, which="major", alpha=0.25)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_xlabel("ranks N (keras-jax: devices)")
+    ax.set_ylabel(ylabel)
+
+
+def plot_peers(rows, out_dir) -> list[str]:
+    """Write peers_vs_ranks.png to out_dir (one row of build peak, step peak, step time per
+    family, at its largest size); its path, or none when no panel has two modes to compare."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.report.summary import summarize
+
+    summary = summarize(rows)
+    families = sorted({s["family"] for s in summary})
+    panels = {(f, key): _peer_points(summary, f, key) for f in families for key, *_ in _PEER_FIGURES}
+    families = [f for f in families if any(len(panels[(f, k)][1]) > 1 for k, *_ in _PEER_FIGURES)]
+    if not families:
+        return []
+    fig, axes = plt.subplots(len(families), 3, figsize=(17, 4.3 * len(families)), squeeze=False)
+    for i, fam in enumerate(families):
+        for j, (key, ylabel, ideal_name, factor) in enumerate(_PEER_FIGURES):
+            ax = axes[i][j]
+            p, lines = panels[(fam, key)]
+            if not lines:
+                ax.set_visible(False)
+                continue
+            ns = sorted({n for pts in lines.values() for n, _, _ in pts})
+            ideal = (ns, [factor * p / n / MiB for n in ns], ideal_name) if factor else None
+            _peer_panel(ax, lines, ideal, ylabel, key.endswith("seconds"))
+            ax.set_title(f"{fam}, P = {p / MiB:.0f} MiB: {ylabel.split(' (')[0]}", fontsize=10)
+    note = ("Filled marker: measured (allocator peak; step time as timed). Hollow marker: not an allocator's "
+            "peak (keras-jax on CPU: build = live JAX arrays sampled at each variable's placement; step = XLA's "
+            "memory analysis of the compiled step less the variables). keras-jax's N devices share one process.")
+    return [_save(fig, out_dir, "peers_vs_ranks.png", {}, "shardimpl and its peers against N, at the largest "
+                  "size: build peak, step peak, step time", note=note)]

@@ -18,15 +18,17 @@ import os
 import platform
 from collections import defaultdict
 
+from bench.report.peers import PEER_MODES, peer_verdicts
+
 __all__ = ["meta", "summarize", "verdicts", "columns", "table", "markdown_table", "write_results",
-           "write_report", "DEFINITIONS", "MODE_NAMES"]
+           "write_report", "DEFINITIONS", "PEER_DEFINITIONS", "definitions", "MODE_NAMES"]
 
 MiB = float(1 << 20)
 
 # What each mode is called where a person reads it.
 MODE_NAMES = {"unsharded": "stock Keras", "sharded": "sharded", "naive": "naive",
-              "keras-native": "keras-native"}
-_MODE_ORDER = ("unsharded", "naive", "keras-native", "sharded")
+              "keras-native": "keras-native", "keras-jax": "keras-jax", "fsdp2": "fsdp2"}
+_MODE_ORDER = ("unsharded", "naive", "keras-native", "keras-jax", "fsdp2", "sharded")
 
 DEFINITIONS = (
     "P = the model's parameter bytes (in the variables' dtype). Per-rank peak = the worst rank's peak "
@@ -47,6 +49,25 @@ DEFINITIONS = (
     "python -m bench speed times steps as a plain process runs them). Stock Keras at N > 1 is N processes "
     "each stepping the whole model on the same cores."
 )
+
+PEER_DEFINITIONS = (
+    "Peers: keras-native = keras-nightly's torch ModelParallel (N processes over gloo, measured as sharded is). "
+    "keras-jax = Keras 3.15.1 on JAX with the same map and step, its N devices in one process (no "
+    "inter-process transport: that flatters its step time). Its build figure is the largest sum of live JAX "
+    "arrays on a device above the start, sampled each time Keras places a variable (the allocator's peak on "
+    "GPU); its step figure is XLA's memory analysis of the compiled step (arguments + unaliased outputs + "
+    "temporaries) less the device's variables, i.e. like the harness' figure the peak above the variables "
+    "held at the step's start: XLA's plan, not a measurement. Step time over its own N = 1: sharded over "
+    "stock Keras (torch), a peer over itself."
+)
+
+
+def definitions(rows) -> str:
+    """DEFINITIONS, and what the peers' figures are when the rows hold peers."""
+    if any(r["mode"] in PEER_MODES for r in rows):
+        return DEFINITIONS + " " + PEER_DEFINITIONS
+    return DEFINITIONS
+
 
 # Optional per-row fields: (field, column label, formatter kind, worst-rank reduction).
 _OPTIONAL = (
@@ -126,7 +147,9 @@ def summarize(rows) -> list[dict]:
              "status": status, "ranks_reported": len({r.get("rank") for r in rs}),
              "init_seconds": _worst(r.get("init_seconds") for r in rs),
              "gather_seconds": _worst(r.get("gather_seconds") for r in rs),
-             "errors": sorted({r["error"] for r in rs if r.get("error") and r["status"] != "ok"})}
+             "errors": sorted({r["error"] for r in rs if r.get("error") and r["status"] != "ok"}),
+             "layouts": rs[0].get("layouts", "family"), "family_map_error": rs[0].get("family_map_error"),
+             "devices_per_process": max(r.get("devices_per_process") or 1 for r in rs)}
         for ph in ("build", "step"):
             prs = phases[ph]
             complete = prs and status == "ok" and all(r.get("peak_bytes") is not None for r in prs)
@@ -135,6 +158,7 @@ def summarize(rows) -> list[dict]:
             s[f"{ph}_ratio"] = (s[f"{ph}_peak_bytes"] / s[f"{ph}_ideal_bytes"]
                                 if s[f"{ph}_peak_bytes"] is not None else None)
             s[f"has_{ph}"] = bool(prs)
+            s[f"{ph}_peak_source"] = next((r["peak_source"] for r in prs if r.get("peak_source")), None)
             for field, _, _, reduce in _OPTIONAL:
                 s[f"{ph}_{field}"] = _worst((r.get(field) for r in prs), reduce)
         out.append(s)
@@ -280,10 +304,11 @@ def verdicts(summary, budget_bytes=None) -> dict[str, str]:
                 failed = [s["ranks"] for s in ms if s["status"] not in ("ok", "OOM")]
                 parts.append(_fit_clause(MODE_NAMES.get(mode, mode), fits, ooms, failed, all_ns))
             clauses.append(f"under a {_mib_text(b)} per-rank budget " + ", ".join(parts))
-        failed = [s for s in fs if s["status"] not in ("ok", "OOM")]
+        failed = [s for s in fs if s["status"] not in ("ok", "OOM") and s["mode"] not in PEER_MODES]
         if failed:
             clauses.append(f"{len(failed)} scenario(s) failed (error/timeout): see the table")
         out[fam] = "; ".join(clauses) if clauses else "no scenario finished"
+    out.update(peer_verdicts(summary))  # peers' failures are said there, not counted above
     return out
 
 
@@ -413,6 +438,11 @@ def meta_lines(meta_: dict) -> list[tuple[str, str]]:
     for key, value in meta_.items():
         if key == "keras_native" and isinstance(value, dict):
             out.append(("keras-native", ", ".join(f"{k} {v}" for k, v in value.items() if v)))
+        if key == "peers" and isinstance(value, dict):
+            for name, info in value.items():
+                info = dict(info or {})
+                rest = "; ".join(f"{k}: {v}" for k, v in info.items() if v and k != "what")
+                out.append((name, (info.get("what") or name) + (f" ({rest})" if rest else "")))
     return out
 
 
@@ -424,7 +454,7 @@ def write_report(path, meta_: dict, rows, plots=()) -> None:
         lines += [f"- **{fam}**: {text}."]
     lines += [""]
     lines += [f"- {label}: {value}" for label, value in meta_lines(meta_)]
-    lines += ["", DEFINITIONS, ""]
+    lines += ["", definitions(rows), ""]
     for p in plots:
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
     lines += [markdown_table(rows), ""]
