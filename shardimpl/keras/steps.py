@@ -100,16 +100,16 @@ def splits_evenly(data, parts: int) -> bool:
 def distribute_batch(data, distribution):
     """Every tensor of ``data`` as this rank's part of the global batch (a DTensor), or as is.
 
-    As is (every rank holds the whole batch, a plain tensor that counts as
-    replicated) without a data axis, and when the data axis does not divide
-    every array's dim 0 (`splits_evenly`). No communication: every rank
-    loads the same global batch and keeps its slice (a view) or all of it.
+    Without a data axis, as is. Where the data axis does not divide every
+    array's dim 0 (`splits_evenly`), as a replicated DTensor: every rank
+    holds (and computes) the whole batch. No communication: every rank loads
+    the same global batch and keeps its slice or all of it.
     """
     mesh, placements, axis = _batch_layout(distribution)
     if axis is None:
         return data
     if not splits_evenly(data, mesh.size(placements.index(Shard(0)))):
-        return data
+        placements = (Replicate(),) * mesh.ndim
     from keras.src import tree
 
     coord = mesh_coordinate(mesh)
