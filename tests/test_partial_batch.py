@@ -3,7 +3,8 @@
 On DataParallel (2 ranks) and on a (2, 2) ("batch", "model") mesh with every kernel split along
 "batch" (FSDP x TP), fit/evaluate/predict on 7 samples with batch_size 2 end on a batch of 1;
 such a batch runs replicated (`shardimpl.keras.steps.splits_evenly`) and every result equals
-stock Keras in one process from the same weights.
+stock Keras in one process from the same weights. `predict` over several split batches (which
+hung before its outputs were gathered in the step) is covered too.
 """
 
 from __future__ import annotations
