@@ -301,7 +301,7 @@ def _check_plan_json(argv) -> None:
 
 
 _TOOLS = {"speed": "bench.tools.speed", "first-step": "bench.tools.first_step",
-          "init-speed": "bench.tools.init_speed"}
+          "init-speed": "bench.tools.init_speed", "partial-batch": "bench.tools.partial_batch"}
 
 
 def _dispatch(argv) -> int:

@@ -45,6 +45,8 @@ subcommands ({PROG} SUBCOMMAND --help for each one's options):
                     {PROG} first-step --families mlp,transformer
   init-speed      rank 0's cost of shard-local initialization at N ranks
                     {PROG} init-speed --ranks 1,16,256,1024
+  partial-batch   cost of a batch the data axis does not divide (run replicated)
+                    {PROG} partial-batch --mesh dp --width 256 --batch 4096
 
 examples:
   {PROG}                # the main job: {MAIN_JOB_SECONDS} on 2 idle cores

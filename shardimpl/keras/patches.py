@@ -150,10 +150,15 @@ def patch_table() -> list[Patch]:
                       "an update of a value split along a dim (a sampler's batch-split prompt) is "
                       "done on its gathered form and laid out again; DTensor has no in-place rule",
                       _one(core), ops.wrap_slice_update))
-    for name in ("train_step", "test_step", "predict_step"):
+    for name in ("train_step", "test_step"):
         rows.append(Patch("<torch trainer>", name,
-                          "batches laid out on the mesh; mixed Tensor/DTensor ops and math attention allowed",
+                          "batches laid out on the mesh (replicated where the data axis does not divide "
+                          "them); mixed Tensor/DTensor ops and math attention allowed",
                           _one(trainer), steps.wrap_step))
+    rows.append(Patch("<torch trainer>", "predict_step",
+                      "as train_step; outputs gathered to the host in the step (Keras converts them "
+                      "in callback threads, where collectives would interleave across ranks)",
+                      _one(trainer), steps.wrap_predict_step))
     for name in ("fit", "evaluate", "predict"):
         rows.append(Patch("<torch trainer>", name,
                           "the host RNGs agreed from rank 0, so shuffled batches match across ranks",

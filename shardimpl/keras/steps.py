@@ -5,7 +5,12 @@ Under a distribution each step:
 * lays the batch out: with a data axis (`data_axis`: "batch" of a
   ("batch", "model") mesh, or DataParallel's axis) each rank keeps its slice
   of the global batch along dim 0 (a DTensor sharded on that axis); with a
-  model-only mesh every rank keeps the same full batch;
+  model-only mesh every rank keeps the same full batch, and so does a batch
+  the data axis does not divide (`splits_evenly`: the last partial batch of
+  an epoch, a batch smaller than the data axis): DTensor refuses ops such as
+  a reshape on an unevenly split dim, and a replicated batch computes
+  exactly what stock Keras computes (loss reductions, metrics, batch
+  statistics), at the price of every rank computing that whole batch;
 * runs forward and backward with plain tensors treated as replicated
   (`implicit_replication`) and with the math attention kernel (DTensor has no
   rule for the fused CPU/flash attention backward); variables split along the
@@ -31,8 +36,8 @@ from shardimpl.layout import local_shard_bounds
 from shardimpl.mesh import kept_axes, local_device, mesh_coordinate, to_torch_mesh
 
 __all__ = [
-    "data_axis", "distribute_batch", "step_context", "agree_host_rng",
-    "wrap_step", "wrap_loop", "wrap_get_data_adapter", "wrap_initialize_ddp",
+    "data_axis", "distribute_batch", "splits_evenly", "step_context", "agree_host_rng",
+    "wrap_step", "wrap_predict_step", "wrap_loop", "wrap_get_data_adapter", "wrap_initialize_ddp",
 ]
 
 
@@ -79,11 +84,32 @@ def _batch_layout(distribution):
     return mesh, placements, axis
 
 
+def _batch_arrays(data) -> list:
+    """The tensors and arrays of ``data`` that a step lays out (dim 0 is the batch)."""
+    from keras.src import tree
+
+    return [x for x in tree.flatten(data) if isinstance(x, (torch.Tensor, np.ndarray))
+            and not isinstance(x, DTensor) and np.ndim(x) > 0]
+
+
+def splits_evenly(data, parts: int) -> bool:
+    """True if every batch array in ``data`` has a dim 0 that ``parts`` divides."""
+    return all(int(x.shape[0]) % parts == 0 for x in _batch_arrays(data))
+
+
 def distribute_batch(data, distribution):
-    """Every tensor of ``data`` as this rank's part of the global batch (a DTensor), or as is."""
+    """Every tensor of ``data`` as this rank's part of the global batch (a DTensor), or as is.
+
+    Without a data axis, as is. Where the data axis does not divide every
+    array's dim 0 (`splits_evenly`), as a replicated DTensor: every rank
+    holds (and computes) the whole batch. No communication: every rank loads
+    the same global batch and keeps its slice or all of it.
+    """
     mesh, placements, axis = _batch_layout(distribution)
     if axis is None:
         return data
+    if not splits_evenly(data, mesh.size(placements.index(Shard(0)))):
+        placements = (Replicate(),) * mesh.ndim
     from keras.src import tree
 
     coord = mesh_coordinate(mesh)
@@ -126,6 +152,40 @@ def wrap_step(original):
             return original(self, data)
 
     return step
+
+
+def wrap_predict_step(original):
+    """A predict step whose outputs come back as host tensors, gathered in the step.
+
+    Keras converts each batch's outputs to numpy in a callback thread (its
+    async ``on_predict_batch_end``) and again at the end; gathering a split
+    output there would issue collectives from several threads at once, in an
+    order that differs across ranks (a hang). Gathered here instead: once per
+    batch, in the main thread, in step order. Communication: per output split
+    along any axis, `shardimpl.gather_variable` (an agreement and one
+    broadcast per shard); none for replicated outputs. Memory: the outputs on
+    the host, as `predict` returns them anyway, instead of on the device.
+    """
+    stepped = wrap_step(original)
+
+    @functools.wraps(original)
+    def predict_step(self, data):
+        outputs = stepped(self, data)
+        if _distribution() is None:
+            return outputs
+        from keras.src import tree
+
+        return tree.map_structure(_on_host, outputs)
+
+    return predict_step
+
+
+def _on_host(x):
+    if not isinstance(x, DTensor):
+        return x
+    from shardimpl.gather import gather_variable
+
+    return gather_variable(x.detach(), device="cpu")
 
 
 def wrap_loop(original):
