@@ -100,7 +100,8 @@ class ModelBuildMemory:
 
 
 class TrainStepMemory:
-    """Per-rank peak of one sharded train step (forward, backward, SGD with momentum)."""
+    """Per-rank peak of a sharded run with train steps (build and two of Keras' train steps with the
+    harness' default step: AdamW, float32; `bench.harness.training`)."""
 
     params = (STEP_FAMILIES, RANKS)
     param_names = ["family", "ranks"]
@@ -120,6 +121,38 @@ class TrainStepMemory:
         return _worst(cache[(family, ranks)], "step")
 
     track_sharded_step_peak.unit = "bytes"
+
+
+class TrainStepByConfig:
+    """Per-rank run peak of the sharded transformer at N = 2 by optimizer and dtype policy (the
+    step users run: AdamW in mixed_bfloat16 among them), and its ratio to the model state S/N."""
+
+    params = (["sgd", "adamw"], ["float32", "mixed_bfloat16"])
+    param_names = ["optimizer", "precision"]
+    timeout = 1200
+
+    def setup_cache(self):
+        from bench.harness.scenarios import Scenario, rows_for, run_scenario
+        from bench.harness.training import TrainConfig
+
+        cache = {}
+        for optimizer in self.params[0]:
+            for precision in self.params[1]:
+                train = TrainConfig(optimizer=optimizer, precision=precision, seq=64)
+                s = Scenario("transformer", SIZE_MIB * MiB, 2, "sharded", train=train)
+                cache[(optimizer, precision)] = rows_for(s, run_scenario(s, timeout=300))
+        return cache
+
+    def track_sharded_run_peak(self, cache, optimizer, precision):
+        return _worst(cache[(optimizer, precision)], "step")
+
+    track_sharded_run_peak.unit = "bytes"
+
+    def track_sharded_run_peak_over_model_state(self, cache, optimizer, precision):
+        rows = cache[(optimizer, precision)]
+        return _worst(rows, "step") / [r for r in rows if r["phase"] == "step"][0]["ideal_bytes"]
+
+    track_sharded_run_peak_over_model_state.unit = "ratio"
 
 
 class DistributeGather:
