@@ -35,31 +35,19 @@ import signal
 import tempfile
 import threading
 import time
-import traceback
 import weakref
-from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Callable
 
 from shardimpl.launchers import LAUNCHER_CHILD_FLAG as _CHILD_FLAG
+from shardimpl.outcome import RankResult
+from shardimpl.outcome import call as _call
+from shardimpl.outcome import describe as _describe
 
 __all__ = ["run", "World", "RankResult", "STATUSES"]
 
 STATUSES = ("ok", "oom", "error", "timeout")
 _GRACE_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class RankResult:
-    """One rank's outcome: status is one of "ok", "oom", "error", "timeout"."""
-
-    rank: int
-    status: str
-    value: Any = None
-    error: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _backend_for(device: str, nprocs: int) -> str:
@@ -73,49 +61,6 @@ def _backend_for(device: str, nprocs: int) -> str:
     if count == 0:
         raise ValueError("device='cuda' but this machine has no CUDA device. Use device='cpu'.")
     return "nccl" if count >= nprocs else "gloo"
-
-
-def _describe(exc: BaseException) -> str:
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    text = "".join(lines)
-    return text[-4000:]
-
-
-def _call(fn, args, device, budget_bytes, where: str | None = None, absent: list | None = None) -> RankResult:
-    """``fn(*args)`` as this rank's row; with ``where``, a collective's timeout names the absent
-    ranks (`shardimpl.rendezvous.explain`; they are appended to ``absent``)."""
-    import torch.distributed as dist
-
-    from shardimpl.budgets import budget, is_oom
-
-    rank = dist.get_rank()
-    try:
-        if budget_bytes:
-            with budget(budget_bytes, device=_local_device(device)):
-                value = fn(*args)
-        else:
-            value = fn(*args)
-        return RankResult(rank, "ok", value)
-    except BaseException as exc:  # a rank's failure is a result, whatever it is
-        status = "oom" if is_oom(exc) else "error"
-        if where is not None:
-            from shardimpl.rendezvous import RanksMissing, explain
-
-            named = exc if isinstance(exc, RanksMissing) else explain(exc, where)
-            if named is not None:
-                if absent is not None:
-                    absent += named.missing
-                if named is not exc:
-                    return RankResult(rank, status, None, f"{_describe(exc)}\n{type(named).__name__}: {named}")
-        return RankResult(rank, status, None, _describe(exc))
-
-
-def _local_device(device: str):
-    if device != "cuda":
-        return "cpu"
-    import torch
-
-    return f"cuda:{torch.cuda.current_device()}"
 
 
 def _send(out_q, row: RankResult) -> None:

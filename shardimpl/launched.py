@@ -36,6 +36,8 @@ import time
 import torch.distributed as dist
 
 from shardimpl import launchers, release, rendezvous
+from shardimpl.outcome import RankResult
+from shardimpl.outcome import call as _call
 
 __all__ = ["run", "GRACE_SECONDS"]
 
@@ -118,8 +120,6 @@ def _collect(store, prefix: str, world: int, deadline: float, first_failure):
 
 def run(fn, nprocs: int, args, device: str, budget_bytes, timeout: float) -> list:
     """``fn(*args)`` on this rank of the launcher's world; every rank's `RankResult`, in rank order."""
-    from shardimpl.launch import RankResult, _call
-
     launch = launchers.detect()
     if nprocs != launch.world_size:
         raise ValueError(

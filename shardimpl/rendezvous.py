@@ -32,7 +32,6 @@ import json
 import os
 import re
 import socket
-import time
 from datetime import timedelta
 
 import torch
