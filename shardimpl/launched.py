@@ -32,6 +32,7 @@ import json
 import pickle
 import threading
 import time
+from dataclasses import replace
 
 import torch.distributed as dist
 
@@ -98,8 +99,10 @@ def _payload(row) -> bytes:
 
 def _collect(store, prefix: str, world: int, deadline: float, first_failure):
     """Every rank's row (pickled RankResult) or, for those that never came, None; and the
-    first failing rank once known. After a failure, the rows of ranks a roll call found
-    absent are not waited for; the others get `GRACE_SECONDS`."""
+    first failing rank once known. After a failure explained by a roll call, the rows of the
+    ranks it found absent are not waited for, those of the present ones until the deadline (a
+    present rank may time out seconds later than another); after any other failure, every
+    missing row gets `GRACE_SECONDS`."""
     keys = [f"{prefix}/row/{r}" for r in range(world)]
     failed_at = time.monotonic() if first_failure is not None else None
     absent: set[int] = set()
@@ -110,12 +113,29 @@ def _collect(store, prefix: str, world: int, deadline: float, first_failure):
             failed_at, first_failure = time.monotonic(), int(store.get(f"{prefix}/failed"))
         if failed_at is not None and not absent and store.check([f"{prefix}/absent"]):
             absent = set(json.loads(store.get(f"{prefix}/absent")))
-        limit = deadline if failed_at is None else min(deadline, failed_at + GRACE_SECONDS)
+        # ranks a roll call found present are alive and report: wait for them; others get a grace
+        limit = deadline if failed_at is None or absent else min(deadline, failed_at + GRACE_SECONDS)
         waiting = [k for r, k in enumerate(keys) if r not in absent]
         if time.monotonic() >= limit or (absent and store.check(waiting)):
             break
         time.sleep(0.02)
     return [pickle.loads(store.get(k)) if store.check([k]) else None for k in keys], first_failure
+
+
+def _exchange(store, prefix: str, rank: int, world: int, row, named: list, deadline: float):
+    """Flag a failure (the first flag names the first failing rank), send this rank's row, collect
+    every rank's: (rows with None for the absent, the first failing rank)."""
+    first = None
+    if row.status != "ok":
+        absent = sorted({r for n in named for r in n.missing})
+        if absent:
+            store.compare_set(f"{prefix}/absent", "", json.dumps(absent))
+        first = int(store.compare_set(f"{prefix}/failed", "", str(rank)))
+        if first != rank:
+            row = RankResult(rank, row.status, None, f"stopped after rank {first} failed first (see its "
+                             f"row); here: {row.error}")
+    store.set(f"{prefix}/row/{rank}", _payload(row))
+    return _collect(store, prefix, world, deadline, first)
 
 
 def run(fn, nprocs: int, args, device: str, budget_bytes, timeout: float) -> list:
@@ -137,25 +157,28 @@ def run(fn, nprocs: int, args, device: str, budget_bytes, timeout: float) -> lis
     watcher = _Watcher(store.clone(), f"{prefix}/failed", keep) if gloo else None
     if watcher is not None:
         watcher.start()
-    absent: list[int] = []
+    named: list = []
+    exchange = store.clone()  # the rows' own connection, made while the store surely answers
     try:
         row = _call(fn, args, device, budget_bytes, where=f"launch.run({getattr(fn, '__qualname__', fn)})",
-                    absent=absent)
+                    named=named)
     finally:
         if watcher is not None:
             watcher.stop()
-    first = None
-    if row.status != "ok":
-        if absent:
-            store.compare_set(f"{prefix}/absent", "", json.dumps(sorted(set(absent))))
-        first = int(store.compare_set(f"{prefix}/failed", "", str(rank)))
-        if gloo:
-            release.release_connections(keep_port=keep)
-        if first != rank:
-            row = RankResult(rank, row.status, None, f"stopped after rank {first} failed first (see its "
-                             f"row); here: {row.error}")
-    store.set(f"{prefix}/row/{rank}", _payload(row))
-    found, first = _collect(store, prefix, launch.world_size, deadline, first)
+    if row.status != "ok" and gloo:
+        release.release_connections(keep_port=keep)
+    found = first = None
+    if all(n.store_answered for n in named):  # else stopped or cut off with the store: no exchange
+        try:
+            found, first = rendezvous.bounded(
+                lambda: _exchange(exchange, prefix, rank, launch.world_size, row, named, deadline),
+                max(1.0, deadline - time.monotonic()) + 2.0)
+        except TimeoutError:
+            pass
+    if found is None:
+        unknown = RankResult(-1, "timeout", None, "unknown: the rendezvous store did not answer, so no "
+                             "rank's result could be exchanged (its host is stopped or cut off)")
+        found = [row if r == rank else replace(unknown, rank=r) for r in range(launch.world_size)]
     rows = []
     for r, got in enumerate(found):
         if got is None:

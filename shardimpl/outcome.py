@@ -34,9 +34,9 @@ def describe(exc: BaseException) -> str:
     return text[-4000:]
 
 
-def call(fn, args, device, budget_bytes, where: str | None = None, absent: list | None = None) -> RankResult:
+def call(fn, args, device, budget_bytes, where: str | None = None, named: list | None = None) -> RankResult:
     """``fn(*args)`` as this rank's row; with ``where``, a collective's timeout names the absent
-    ranks (`shardimpl.rendezvous.explain`; they are appended to ``absent``)."""
+    ranks (`shardimpl.rendezvous.explain`; its `RanksMissing` is appended to ``named``)."""
     import torch.distributed as dist
 
     from shardimpl.budgets import budget, is_oom
@@ -54,12 +54,12 @@ def call(fn, args, device, budget_bytes, where: str | None = None, absent: list 
         if where is not None:
             from shardimpl.rendezvous import RanksMissing, explain
 
-            named = exc if isinstance(exc, RanksMissing) else explain(exc, where)
-            if named is not None:
-                if absent is not None:
-                    absent += named.missing
-                if named is not exc:
-                    return RankResult(rank, status, None, f"{describe(exc)}\n{type(named).__name__}: {named}")
+            missing = exc if isinstance(exc, RanksMissing) else explain(exc, where)
+            if missing is not None:
+                if named is not None:
+                    named.append(missing)
+                if missing is not exc:
+                    return RankResult(rank, status, None, f"{describe(exc)}\n{type(missing).__name__}: {missing}")
         return RankResult(rank, status, None, describe(exc))
 
 

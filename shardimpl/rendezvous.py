@@ -32,6 +32,8 @@ import json
 import os
 import re
 import socket
+import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -39,13 +41,14 @@ import torch.distributed as dist
 
 from shardimpl import launchers, release
 
-__all__ = ["initialize", "timeout_seconds", "RanksMissing", "explain", "roll_call", "leave",
+__all__ = ["initialize", "timeout_seconds", "RanksMissing", "explain", "roll_call", "leave", "bounded",
            "joined", "store", "hosts", "describe_world", "DEFAULT_TIMEOUT", "TIMEOUT_ENV"]
 
 DEFAULT_TIMEOUT = 300.0  # five minutes: long enough for rank 0 alone writing a large file
 TIMEOUT_ENV = "SHARDIMPL_TIMEOUT"
 _EXPLAINED = "_shardimpl_explained"
 _TIMEOUT_WORDS = re.compile(r"timed out|timeout", re.IGNORECASE)
+_FROM_TORCH = re.compile(r"gloo|nccl|c10d|ProcessGroup|Watchdog", re.IGNORECASE)
 
 _state: dict = {"launch": None, "store": None, "timeout": None, "generation": 0, "roll_calls": 0}
 
@@ -53,13 +56,14 @@ _state: dict = {"launch": None, "store": None, "timeout": None, "generation": 0,
 class RanksMissing(TimeoutError):
     """Some ranks did not arrive (at the join, or at a collective that timed out).
 
-    ``missing``: their ranks (empty when the store itself did not answer);
-    ``seconds``: how long this rank waited.
+    ``missing``: their ranks (empty when they could not be named); ``seconds``:
+    how long this rank waited; ``store_answered``: False when the rendezvous
+    store itself did not answer the roll call.
     """
 
-    def __init__(self, message: str, missing: list[int], seconds: float):
+    def __init__(self, message: str, missing: list[int], seconds: float, store_answered: bool = True):
         super().__init__(message)
-        self.missing, self.seconds = missing, seconds
+        self.missing, self.seconds, self.store_answered = missing, seconds, store_answered
 
 
 def timeout_seconds(timeout: float | None = None) -> float:
@@ -145,14 +149,16 @@ def _connect(launch: launchers.Launch, seconds: float):
 
 
 def _gather_keys(base, kind: str, rank: int, world: int, value: str, seconds: float) -> list[int]:
-    """Write this rank's key under ``kind``; wait up to ``seconds`` for every rank's; the absent ones."""
+    """Write this rank's key under ``kind``; wait up to ``seconds`` for every rank's; the absent ones.
+    (Polls: a store wait that times out prints a C++ warning per rank.)"""
     base.set(f"{kind}/{rank}", value)
     keys = [f"{kind}/{r}" for r in range(world)]
-    try:
-        base.wait(keys, timedelta(seconds=seconds))
-        return []
-    except Exception:
-        return [r for r in range(world) if not base.check([keys[r]])]
+    deadline = time.monotonic() + seconds
+    while not base.check(keys):
+        if time.monotonic() >= deadline:
+            return [r for r in range(world) if not base.check([keys[r]])]
+        time.sleep(0.05)
+    return []
 
 
 def initialize(*, timeout: float | None = None, backend: str | None = None, address: str | None = None,
@@ -249,7 +255,36 @@ def describe_world() -> dict | None:
 
 
 def _is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, (RuntimeError, TimeoutError)) and bool(_TIMEOUT_WORDS.search(str(exc)))
+    """A collective's or the store's timeout (torch's words), not any error that says "timeout"."""
+    text = str(exc)
+    from_torch = isinstance(exc, dist.DistError) or bool(_FROM_TORCH.search(text))
+    return isinstance(exc, RuntimeError) and from_torch and bool(_TIMEOUT_WORDS.search(text))
+
+
+def bounded(op, seconds: float):
+    """``op()`` in a daemon thread, waited for at most ``seconds``: TimeoutError after that.
+
+    A store client's requests can block past its timeout when the server's
+    process is stopped or its host cut off (a ``check`` waits for a reply that
+    never comes); such a thread is abandoned. ``op`` should use its own client
+    (``store.clone()`` inside ``op``), so that no other client is left locked.
+    """
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = op()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="shardimpl-store-op", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"the rendezvous store did not answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def roll_call(where: str, seconds: float) -> tuple[list[int], str | None]:
@@ -259,35 +294,40 @@ def roll_call(where: str, seconds: float) -> tuple[list[int], str | None]:
     if launch is None:
         return [], "no shardimpl rendezvous store (the process group was created elsewhere)"
     _state["roll_calls"] += 1
+    kind = f"roll/{_state['roll_calls']}"
     try:
-        client = main.clone() if hasattr(main, "clone") else main
-        client.set_timeout(timedelta(seconds=seconds))
-        return _gather_keys(client, f"roll/{_state['roll_calls']}", launch.rank, launch.world_size,
-                            where, seconds), None
+        return bounded(lambda: _gather_keys(main.clone(), kind, launch.rank, launch.world_size, where,
+                                            seconds), seconds + 2.0), None
     except Exception as exc:
-        serves = "rank 0 serves it" if launch.launcher != "torchrun" else "torchrun's agent on node 0 serves it"
-        return [], (f"the rendezvous store at {launch.master_addr}:{launch.master_port} did not answer "
-                    f"within {seconds:g} s ({serves}: stopped or unreachable; {type(exc).__name__})")
+        if launch.launcher == "torchrun":  # the agent on node 0 serves it: node 0 is gone or cut off
+            return [], (f"the rendezvous store at {launch.master_addr}:{launch.master_port} (torchrun's "
+                        f"agent on node 0) did not answer within {seconds:g} s: node 0 stopped or unreachable")
+        return [0], (f"rank 0 serves the rendezvous store at {launch.master_addr}:{launch.master_port}, "
+                     f"and it did not answer within {seconds:g} s ({type(exc).__name__})")
 
 
 def explain(exc: BaseException, where: str) -> RanksMissing | None:
-    """For a collective's timeout error: a `RanksMissing` naming the absent ranks, else None.
+    """For a collective's timeout error: a `RanksMissing` naming the absent ranks, else None
+    (another error, or a process group that `initialize()` did not create: no store to meet in).
 
     Holds a roll call (see the module docstring) once per error; the caller
     raises the result ``from exc``.
     """
     if not _is_timeout(exc) or getattr(exc, _EXPLAINED, False) or isinstance(exc, RanksMissing):
         return None
-    timeout = _state["timeout"] or timeout_seconds()
+    if joined() is None:  # a process group made elsewhere (e.g. launch.World's ranks): no store of ours
+        return None
+    timeout = _state["timeout"]
     wait = roll_call_seconds(timeout)
     missing, note = roll_call(where, wait)
-    who = f"rank(s) {missing} did not arrive" if missing else "every rank answered the roll call"
+    who = (f"rank(s) {missing} did not arrive" if missing else
+           "the absent ranks could not be named" if note else "every rank answered the roll call")
     error = RanksMissing(
         f"{where}: a collective timed out after {timeout:g} s and {who} "
         f"({note or f'roll call of {wait:g} s held after the timeout'}). A rank that did not arrive "
         "is stopped, cut off, or still busy elsewhere (e.g. rank 0 alone writing a large file: raise "
         f"{TIMEOUT_ENV} or initialize(timeout=)). Received: {str(exc).splitlines()[0][:300]}",
-        missing, timeout)
+        missing, timeout, store_answered=note is None)
     setattr(error, _EXPLAINED, True)
     try:
         setattr(exc, _EXPLAINED, True)
@@ -300,7 +340,8 @@ def leave() -> None:
     """End this world after a failed call: release its connections, destroy the process group,
     so that the next `initialize()` joins a fresh generation (every rank must call it)."""
     launch = joined()
-    release.release_connections(keep_port=launch.master_port if launch else None)
+    if dist.is_initialized() and str(dist.get_backend()) == "gloo":  # NCCL's sockets are not ours to close
+        release.release_connections(keep_port=launch.master_port if launch else None)
     if dist.is_initialized():
         try:
             dist.destroy_process_group()

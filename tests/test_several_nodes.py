@@ -186,3 +186,27 @@ def test_a_slurm_step_of_three_tasks_joins_runs_and_names_a_stopped_rank(tmp_pat
         for row in stopped[:2]:
             assert "RanksMissing" in row["error"] and "rank(s) [2] did not arrive" in row["error"]
         assert "absent from its roll call" in stopped[2]["error"]
+
+
+@pytest.mark.distributed
+def test_when_the_stopped_rank_serves_the_store_the_error_says_so(tmp_path):
+    """Rank 0 serves the rendezvous store outside torchrun: stopped, it cannot answer the roll call
+    either; rank 1's agreement point fails after the 2 s timeout naming rank 0 and the store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_stopped_store_world.py"), str(tmp_path)],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for r in range(2)]
+    try:
+        _, err = procs[1].communicate(timeout=180)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert procs[1].returncode == 0, err[-3000:]
+    out = json.loads((tmp_path / "rank1.json").read_text())
+    print(f"\nrank 0 (serving the store) stopped, timeout 2 s: rank 1 failed after {out['seconds']:.2f} s")
+    assert out["error"].startswith("RanksMissing: the test's agreement point: a collective timed out after 2 s")
+    assert "rank(s) [0] did not arrive" in out["error"] and "rank 0 serves the rendezvous store" in out["error"]
