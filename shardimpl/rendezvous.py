@@ -47,6 +47,9 @@ __all__ = ["initialize", "timeout_seconds", "RanksMissing", "explain", "roll_cal
 DEFAULT_TIMEOUT = 300.0  # five minutes: long enough for rank 0 alone writing a large file
 TIMEOUT_ENV = "SHARDIMPL_TIMEOUT"
 _EXPLAINED = "_shardimpl_explained"
+# A store request waits this long for its reply at least: the joins and roll calls keep their own
+# deadlines; a short collective timeout must not turn a slow reply on a loaded host into an error.
+_STORE_REPLY_SECONDS = 60.0
 _TIMEOUT_WORDS = re.compile(r"timed out|timeout", re.IGNORECASE)
 _FROM_TORCH = re.compile(r"gloo|nccl|c10d|ProcessGroup|Watchdog", re.IGNORECASE)
 
@@ -145,6 +148,7 @@ def _connect(launch: launchers.Launch, seconds: float):
             f"{launch.master_port} within {seconds:g} s ({launch.describe()}). It was not started, "
             "is stopped, or runs on another host than MASTER_ADDR (under SLURM: the step's first "
             f"node). Received: {type(exc).__name__}: {exc}", [0], seconds) from exc
+    store.set_timeout(timedelta(seconds=max(seconds, _STORE_REPLY_SECONDS)))  # connected: now the replies
     return dist.PrefixStore(_namespace(launch), store)
 
 

@@ -23,6 +23,9 @@ def main(out_dir):
     while not all(os.path.exists(os.path.join(out_dir, f"ready{r}")) for r in range(2)):
         time.sleep(0.05)
     shardimpl.initialize(timeout=2)
+    import torch.distributed as dist
+
+    dist.barrier()  # both past the join: torch's own store reads there would not time out
     if rank == 0:
         os.kill(os.getpid(), signal.SIGSTOP)  # the store's server stops with it
     begin = time.monotonic()
