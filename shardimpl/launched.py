@@ -8,31 +8,31 @@ within seconds of the failure:
 
 1. While ``fn`` runs, a watcher thread polls the store (its own connection,
    every 0.1 s) for the call's failure key.
-2. A rank whose ``fn`` raised writes the failure key (the first writer is
-   "the rank that failed first"), releases its connections
-   (`shardimpl.release`) and writes its row. Seeing the key, every other
-   rank's watcher releases its connections too: a rank waiting in a collective
-   gets gloo's "Connection closed by peer" there, and writes its row, marked
-   as stopped by the first failure.
-3. Each rank waits for every row until the call's deadline, or for
-   `GRACE_SECONDS` once a failure is known; a rank that sends none by then is
-   "timeout" (stopped, cut off, or busy outside any collective).
+2. A rank whose ``fn`` raised releases its connections (`shardimpl.release`),
+   writes the failure key (the first writer is "the rank that failed first")
+   and its row. Seeing the key, every other rank's watcher releases its
+   connections too: a rank waiting in a collective gets gloo's "Connection
+   closed by peer" there, and writes its row, marked as stopped by the first
+   failure.
+3. Each rank waits for every row until the call's deadline; once a failure is
+   known, for `GRACE_SECONDS` more, except that after a collective's timeout
+   (`shardimpl.rendezvous.RanksMissing`, whose roll call named the absent
+   ranks) the absent ranks are not waited for and the present ones are. A
+   rank that sends nothing is "timeout". When the store itself does not
+   answer (its host stopped or cut off), no row can travel: the other ranks'
+   rows say so. Store requests run in bounded threads (`rendezvous.bounded`).
 
 After a call in which a rank failed, the process group is destroyed on every
 rank (`shardimpl.rendezvous.leave`): its collectives may be half done. The
-next call joins a new one through the same store. A collective's timeout is
-reported as `shardimpl.rendezvous.RanksMissing`, naming the ranks absent from
-a roll call. With NCCL nothing is released: the peers fail at the process
-group's timeout.
+next call joins a new one through the same store. With NCCL nothing is
+released: the peers fail at the process group's timeout.
 """
-
 from __future__ import annotations
 
 import json
 import pickle
 import threading
 import time
-from dataclasses import replace
 
 import torch.distributed as dist
 
@@ -54,14 +54,12 @@ class _Watcher(threading.Thread):
         super().__init__(name="shardimpl-failure-watcher", daemon=True)
         self._store, self._key, self._keep = store, key, keep_port
         self._stop_event = threading.Event()
-        self.released = False
 
     def run(self):
         while not self._stop_event.wait(_POLL_SECONDS):
             try:
                 if self._store.check([self._key]):
                     release.release_connections(keep_port=self._keep)
-                    self.released = True
                     return
             except Exception:  # the store is gone: the world is ending anyway
                 return
@@ -138,8 +136,19 @@ def _exchange(store, prefix: str, rank: int, world: int, row, named: list, deadl
     return _collect(store, prefix, world, deadline, first)
 
 
-def run(fn, nprocs: int, args, device: str, budget_bytes, timeout: float) -> list:
-    """``fn(*args)`` on this rank of the launcher's world; every rank's `RankResult`, in rank order."""
+def _rows(found, first, world: int, own) -> list:
+    """`RankResult`s in rank order; ``found`` None: the store did not answer (only ``own`` is known)."""
+    if found is None:
+        return [own if r == own.rank else RankResult(
+            r, "timeout", None, "unknown: the rendezvous store did not answer, so no rank's result "
+            "could be exchanged (its host is stopped or cut off)") for r in range(world)]
+    why = (f"sent no result after rank {first} failed (absent from its roll call, or silent "
+           f"{GRACE_SECONDS:g} s after the failure: stopped, cut off, or busy outside any collective)"
+           if first is not None else "still running at the deadline")
+    return [got if got is not None else RankResult(r, "timeout", None, why) for r, got in enumerate(found)]
+
+
+def _check_world(nprocs: int) -> launchers.Launch:
     launch = launchers.detect()
     if nprocs != launch.world_size:
         raise ValueError(
@@ -147,18 +156,21 @@ def run(fn, nprocs: int, args, device: str, budget_bytes, timeout: float) -> lis
             "the ranks are the launcher's. Pass nprocs=WORLD_SIZE (torchrun: --nnodes x "
             f"--nproc-per-node; srun: --ntasks), or launch {nprocs} ranks."
         )
+    return launch
+
+
+def run(fn, nprocs: int, args, device: str, budget_bytes, timeout: float) -> list:
+    """``fn(*args)`` on this rank of the launcher's world; every rank's `RankResult`, in rank order."""
+    launch = _check_world(nprocs)
     deadline = time.monotonic() + timeout
     _join(device, timeout)
     rank, store = dist.get_rank(), _store()
     _calls[0] += 1
-    prefix = f"run/{_calls[0]}"
-    gloo = str(dist.get_backend()) == "gloo"
-    keep = launch.master_port
-    watcher = _Watcher(store.clone(), f"{prefix}/failed", keep) if gloo else None
+    prefix, gloo, named = f"run/{_calls[0]}", str(dist.get_backend()) == "gloo", []
+    exchange = store.clone()  # the rows' own connection, made while the store surely answers
+    watcher = _Watcher(store.clone(), f"{prefix}/failed", launch.master_port) if gloo else None
     if watcher is not None:
         watcher.start()
-    named: list = []
-    exchange = store.clone()  # the rows' own connection, made while the store surely answers
     try:
         row = _call(fn, args, device, budget_bytes, where=f"launch.run({getattr(fn, '__qualname__', fn)})",
                     named=named)
@@ -166,27 +178,16 @@ def run(fn, nprocs: int, args, device: str, budget_bytes, timeout: float) -> lis
         if watcher is not None:
             watcher.stop()
     if row.status != "ok" and gloo:
-        release.release_connections(keep_port=keep)
+        release.release_connections(keep_port=launch.master_port)
     found = first = None
-    if all(n.store_answered for n in named):  # else stopped or cut off with the store: no exchange
+    if all(n.store_answered for n in named):  # else its host is stopped or cut off: no exchange
         try:
             found, first = rendezvous.bounded(
                 lambda: _exchange(exchange, prefix, rank, launch.world_size, row, named, deadline),
                 max(1.0, deadline - time.monotonic()) + 2.0)
         except TimeoutError:
             pass
-    if found is None:
-        unknown = RankResult(-1, "timeout", None, "unknown: the rendezvous store did not answer, so no "
-                             "rank's result could be exchanged (its host is stopped or cut off)")
-        found = [row if r == rank else replace(unknown, rank=r) for r in range(launch.world_size)]
-    rows = []
-    for r, got in enumerate(found):
-        if got is None:
-            why = (f"sent no result after rank {first} failed (absent from its roll call, or silent "
-                   f"{GRACE_SECONDS:g} s after the failure: stopped, cut off, or busy outside any "
-                   "collective)" if first is not None else "still running at the deadline")
-            got = RankResult(r, "timeout", None, why)
-        rows.append(got)
+    rows = _rows(found, first, launch.world_size, row)
     if any(r.status != "ok" for r in rows):
         rendezvous.leave()
     return rows

@@ -4,6 +4,10 @@
 nothing) and `uninstall()` undoes them exactly. With no distribution set Keras
 behaves as stock. Supported: keras 3.15.x and keras-nightly 3.16.dev.
 
+From ``import shardimpl`` on, Keras' empty torch ``distribution_lib`` slot
+holds `before_install` (``keras.distribution.initialize()`` works before
+`install()`; the rest names it): `patches.before_install_table`.
+
 Modules: `backend` (Keras' distribution_lib vocabulary for torch),
 `variables` (sharded creation and the per-variable guard), `steps` (trainer
 steps and data), `saving` (conversion, assignment, saving), `rules` (DTensor
@@ -60,16 +64,20 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _fill_keras_slot() -> None:
+    from shardimpl.keras.patches import apply_before_install
+
+    apply_before_install()
+
+
 def _prepare_keras() -> None:
     """Give Keras' empty torch ``distribution_lib`` slot `shardimpl.keras.before_install` (see
     `shardimpl.keras.patches.before_install_table`): now if Keras is imported, else right after
     it is. Imports no Keras itself."""
-    from shardimpl.keras.patches import apply_before_install
-
     if _KERAS_DISTRIBUTION in sys.modules:
-        apply_before_install()
+        _fill_keras_slot()
     elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(_KERAS_DISTRIBUTION, apply_before_install))
+        sys.meta_path.insert(0, _AfterImport(_KERAS_DISTRIBUTION, _fill_keras_slot))
 
 
 _prepare_keras()
