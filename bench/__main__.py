@@ -176,11 +176,28 @@ def write_all(args, rows, budget, extra=None, *, peers=()) -> int:
     return 0
 
 
-def _torchrun_rank():
-    """This process's rank when started by torchrun (the harness then runs on torchrun's ranks)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return None
-    return int(os.environ.get("RANK", "0"))
+def _launched_world():
+    """This process's `shardimpl.launchers.Launch` when a launcher (torchrun, srun) started it as
+    one rank of several: the harness then runs on the launcher's ranks. None otherwise."""
+    from shardimpl import launch, launchers
+
+    return launchers.detect() if launch._in_torchrun() else None
+
+
+def _use_the_launchers_world(args, launched) -> dict:
+    """--ranks becomes the launcher's world size (said on rank 0 when it differs); the world
+    (launcher, hosts, ranks per host) for the report's metadata."""
+    from shardimpl import rendezvous
+
+    world = launched.world_size
+    if tuple(args.ranks) != (world,) and launched.rank == 0:
+        _say(f"{PROG}: under {launched.launcher} the ranks are the launcher's: N = {world}; --ranks "
+             f"{','.join(map(str, args.ranks))} is ignored (run {PROG} without a launcher to spawn "
+             "each N itself)")
+    args.ranks = (world,)
+    args.quiet = args.quiet or launched.rank != 0
+    rendezvous.initialize()
+    return rendezvous.describe_world()
 
 
 def run_main(argv) -> int:
@@ -189,15 +206,13 @@ def run_main(argv) -> int:
     args = parse_args(argv, parser=cli.make_parser(description=__doc__))
     args.argv = list(argv)
     budget = budget_bytes(args.budget, args.sizes)
-    rank = _torchrun_rank()
-    if rank is not None:
-        args.ranks = (int(os.environ["WORLD_SIZE"]),)  # under torchrun the world is torchrun's
-        args.quiet = args.quiet or rank != 0
+    launched = _launched_world()
     _prepare_process()
+    world = _use_the_launchers_world(args, launched) if launched is not None else None
     rows, _ = collect_rows(args, budget)
-    if rank is None:
+    if launched is None:
         return write_all(args, rows, budget)
-    status = write_all(args, rows, budget) if rank == 0 else int(
+    status = write_all(args, rows, budget, {"world": world}) if launched.rank == 0 else int(
         any(r["status"] in ("error", "timeout") for r in rows))
     _leave_torchrun_world()
     return status

@@ -8,6 +8,8 @@ The core (`distribute_variable`, `gather_variable`, `TorchLayout`, layouts,
 shard-local initializers, `save_sharded` / `load_sharded`) needs torch only.
 The Keras integration is `shardimpl.keras` (`install`, `uninstall`,
 `installed` are re-exported here and import Keras only when called).
+`initialize(timeout=...)` joins the world a launcher started (torchrun,
+srun, or MASTER_ADDR/RANK/WORLD_SIZE): `shardimpl.rendezvous`.
 
 Importing shardimpl selects Keras' torch backend (``KERAS_BACKEND=torch``)
 unless a backend was already chosen: it is the torch backend's distribution
@@ -25,6 +27,7 @@ from shardimpl.initializers import InitSpec
 from shardimpl.keras import install, installed, is_installed, uninstall
 from shardimpl.layout import TorchLayout, local_shard_bounds
 from shardimpl.mesh import resolve_layout, to_torch_mesh
+from shardimpl.rendezvous import initialize
 
 __all__ = [
     "distribute_variable",
@@ -32,6 +35,7 @@ __all__ = [
     "all_gather_variable",
     "InitSpec",
     "install",
+    "initialize",
     "uninstall",
     "installed",
     "is_installed",

@@ -19,7 +19,9 @@ gathered variable's shape, a checksum) are: each value travels as ``v`` and
 
 Communication: one all-reduce of ``1 + 2 * SLOTS`` int64 over the world group
 (72 bytes); on failure, one ``all_gather_object`` of the messages. Nothing
-without a process group or with one rank.
+without a process group or with one rank. A rank that never arrives (stopped,
+cut off) makes the others fail at the process group's timeout with
+`shardimpl.rendezvous.RanksMissing`, which names it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import zlib
 
 import torch
 import torch.distributed as dist
+
+from shardimpl.rendezvous import explain
 
 __all__ = ["agree", "during", "PeerFailure", "checksum", "mark_agreed", "was_agreed", "describe"]
 
@@ -101,6 +105,19 @@ def _device():
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def _absent_ranks_named(where: str):
+    """A collective's timeout here becomes `shardimpl.rendezvous.RanksMissing` naming the ranks
+    that did not arrive (a rank stopped or cut off), known to every rank that waited."""
+    try:
+        yield
+    except Exception as exc:
+        named = explain(exc, where)
+        if named is not None:
+            raise mark_agreed(named) from exc
+        raise
+
+
 def agree(problem: str | None, *, where: str, values=(), names=(), error: BaseException | None = None,
           mismatch: str | None = None):
     """Meet every rank at an agreement point; raise on every rank if any rank has a problem.
@@ -137,11 +154,13 @@ def agree(problem: str | None, *, where: str, values=(), names=(), error: BaseEx
             t[1 + 2 * i], t[2 + 2 * i] = v, -v
     device = _device()
     t = t.to(device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with _absent_ranks_named(where):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     t = t.cpu()
     if int(t[0]):
         messages = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, problem)
+        with _absent_ranks_named(where):
+            dist.all_gather_object(messages, problem)
         problems = {r: m for r, m in enumerate(messages) if m is not None}
         if error is not None:
             raise mark_agreed(error)

@@ -26,7 +26,17 @@ place). Concurrent saves to the same ``path`` are not supported.
 Failures: every rank checks its part before each collective step and the
 ranks agree (`shardimpl.agree`), so a failure on any rank (an invalid model,
 a write error, a failed swap on rank 0) raises on every rank within one step,
-and the partial version is removed.
+and the partial version is removed (by every rank, where each node has its
+own folder).
+
+Several nodes: ``path`` must be on a filesystem every node mounts at the same
+path (NFS, Lustre, GPFS, ...). After DCP's write every rank checks that it
+sees every file the checkpoint lists (DCP's ``.metadata`` names each rank's
+``__R_N.distcp``), before anything is committed: on node-local disks (each
+node its own folder at ``path``) rank 0 would otherwise commit a checkpoint
+holding only its own node's shards, which no world can load. Every rank then
+raises ValueError saying which files it does not see and that a shared
+filesystem is needed; ``path`` keeps the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ import ctypes
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Mapping
 
@@ -46,6 +58,8 @@ from torch.distributed.tensor import DTensor
 from shardimpl.agree import agree, checksum, describe
 
 __all__ = ["save_sharded", "load_sharded", "state_dict_of"]
+
+_VISIBLE_WAIT_SECONDS = 3.0  # a shared filesystem's attribute cache may hide a new file briefly
 
 
 class _TensorSlot:
@@ -148,7 +162,8 @@ def save_sharded(model, path, *, optimizer: bool = False) -> None:
     try:
         problem = error = None
         try:
-            dcp.save(sd, checkpoint_id=partial, no_dist=not _distributed())
+            metadata = dcp.save(sd, checkpoint_id=partial, no_dist=not _distributed())
+            _check_every_file_visible(partial, metadata, path, where)
         except BaseException as exc:  # DCP's CheckpointException is a BaseException
             problem, error = describe(exc), exc
         agree(problem, where=where, error=error)
@@ -163,9 +178,56 @@ def save_sharded(model, path, *, optimizer: bool = False) -> None:
     except BaseException:
         if _rank() == 0 and not committed:
             _roll_back(path, ident)
+        elif not committed:
+            _remove(partial)  # where each node has its own folder, its own partial stays otherwise
         raise
     if _rank() == 0:
         _remove_stale(path, keep=os.path.realpath(path))
+
+
+def _expected_files(metadata) -> dict[str, int]:
+    """{file name: bytes it must hold at least} for every file DCP's metadata points into."""
+    sizes = {".metadata": 1}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if name:
+            sizes[name] = max(sizes.get(name, 0), int(info.offset) + int(info.length))
+    return sizes
+
+
+def _not_visible(folder: str, expected: dict[str, int]) -> list[str]:
+    out = []
+    for name, size in sorted(expected.items()):
+        try:
+            if os.path.getsize(os.path.join(folder, name)) >= size:
+                continue
+        except OSError:
+            pass
+        out.append(name)
+    return out
+
+
+def _check_every_file_visible(partial: str, metadata, path: str, where: str) -> None:
+    """Raise unless this rank sees every file of the checkpoint just written (see the module
+    docstring: node-local disks). Waits up to `_VISIBLE_WAIT_SECONDS` for a slow filesystem."""
+    expected = _expected_files(metadata)
+    deadline = time.monotonic() + _VISIBLE_WAIT_SECONDS
+    missing = _not_visible(partial, expected)
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.2)
+        missing = _not_visible(partial, expected)
+    if not missing:
+        return
+    writers = sorted({int(m.group(1)) for m in (re.match(r"__(\d+)_", n) for n in missing) if m})
+    by = f" (written by rank(s) {writers})" if writers else ""
+    raise ValueError(
+        f"{where}: every rank must see every rank's checkpoint files, so path must be on a "
+        "filesystem shared by all nodes at the same path (NFS, Lustre, GPFS, ...). Received: rank "
+        f"{_rank()} on {socket.gethostname()} does not see {missing}{by} in {partial} after "
+        f"{_VISIBLE_WAIT_SECONDS:g} s: each node has its own folder at {path} (node-local disks). "
+        "Nothing was committed; path keeps the previous checkpoint. Save to a shared filesystem "
+        "(the same path on every node)."
+    )
 
 
 def _commit(partial: str, path: str, ident: str) -> None:

@@ -13,9 +13,11 @@ so the call returns within ``timeout`` (start-up included) plus a few seconds.
 cannot reach the ranks (a lambda, a local function) raises TypeError at once.
 Nothing is left behind: the rendezvous folder is removed and the ranks are
 stopped when the call returns, when a start fails, or when a `World` is
-garbage-collected without being closed. Inside torchrun
-(``TORCHELASTIC_RUN_ID`` set) nothing is spawned: this process is one rank,
-``fn`` runs here and every rank gets all rows.
+garbage-collected without being closed. Inside a world that a launcher
+started (torchrun, or a SLURM step of several tasks: `shardimpl.launchers`)
+nothing is spawned: this process is one rank, ``fn`` runs here and every rank
+gets all rows, a failed rank's message included, within seconds
+(`shardimpl.launched`).
 
 Ranks fork from a forkserver that has imported torch once, so a rank starts
 in well under a second after the first.
@@ -33,30 +35,19 @@ import signal
 import tempfile
 import threading
 import time
-import traceback
 import weakref
-from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Callable
+
+from shardimpl.launchers import LAUNCHER_CHILD_FLAG as _CHILD_FLAG
+from shardimpl.outcome import RankResult
+from shardimpl.outcome import call as _call
+from shardimpl.outcome import describe as _describe
 
 __all__ = ["run", "World", "RankResult", "STATUSES", "process_context"]
 
 STATUSES = ("ok", "oom", "error", "timeout")
-_CHILD_FLAG = "SHARDIMPL_LAUNCHED_RANK"
 _GRACE_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class RankResult:
-    """One rank's outcome: status is one of "ok", "oom", "error", "timeout"."""
-
-    rank: int
-    status: str
-    value: Any = None
-    error: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _backend_for(device: str, nprocs: int) -> str:
@@ -70,37 +61,6 @@ def _backend_for(device: str, nprocs: int) -> str:
     if count == 0:
         raise ValueError("device='cuda' but this machine has no CUDA device. Use device='cpu'.")
     return "nccl" if count >= nprocs else "gloo"
-
-
-def _describe(exc: BaseException) -> str:
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    text = "".join(lines)
-    return text[-4000:]
-
-
-def _call(fn, args, device, budget_bytes) -> RankResult:
-    import torch.distributed as dist
-
-    from shardimpl.budgets import budget, is_oom
-
-    rank = dist.get_rank()
-    try:
-        if budget_bytes:
-            with budget(budget_bytes, device=_local_device(device)):
-                value = fn(*args)
-        else:
-            value = fn(*args)
-        return RankResult(rank, "ok", value)
-    except BaseException as exc:  # a rank's failure is a result, whatever it is
-        return RankResult(rank, "oom" if is_oom(exc) else "error", None, _describe(exc))
-
-
-def _local_device(device: str):
-    if device != "cuda":
-        return "cpu"
-    import torch
-
-    return f"cuda:{torch.cuda.current_device()}"
 
 
 def _send(out_q, row: RankResult) -> None:
@@ -215,30 +175,17 @@ def _pickled_call(fn, args, budget_bytes, where: str) -> bytes:
         ) from None
 
 
-def _in_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ and _CHILD_FLAG not in os.environ
+def _in_launched_world() -> bool:
+    """True when a launcher started this process as one rank of a world of several (torchrun at
+    any size, a SLURM step of two tasks or more); never in ranks this module spawned."""
+    from shardimpl.launchers import detect
+
+    found = detect()
+    return found is not None and (found.launcher == "torchrun" or
+                                  (found.launcher == "slurm" and found.world_size > 1))
 
 
-def _run_in_torchrun(fn, nprocs, args, device, budget_bytes, timeout) -> list[RankResult]:
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ["WORLD_SIZE"])
-    if nprocs != world:
-        raise ValueError(
-            f"run(nprocs={nprocs}) inside torchrun with WORLD_SIZE={world}: under torchrun "
-            "the ranks are torchrun's. Pass nprocs=WORLD_SIZE or launch with "
-            f"--nproc-per-node={nprocs}."
-        )
-    if not dist.is_initialized():
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        backend = "nccl" if device == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=max(timeout, 1.0)))
-    row = _call(fn, args, device, budget_bytes)
-    rows = [None] * world
-    dist.all_gather_object(rows, row)
-    return rows
+_in_torchrun = _in_launched_world  # the name the bench harness calls (torchrun or srun alike)
 
 
 class World:
@@ -396,8 +343,10 @@ def run(
     the call returns at most a few seconds (stopping the ranks) after it.
     """
     deadline = time.monotonic() + timeout
-    if _in_torchrun():
-        return _run_in_torchrun(fn, int(nprocs), args, device, budget_bytes, timeout)
+    if _in_launched_world():
+        from shardimpl import launched
+
+        return launched.run(fn, int(nprocs), args, device, budget_bytes, timeout)
     world = World(nprocs, device=device, timeout=timeout)
     try:
         return world.run(fn, *args, timeout=timeout, budget_bytes=budget_bytes, _deadline=deadline)

@@ -64,3 +64,30 @@ def test_a_rank_failing_mid_save_leaves_the_previous_checkpoint_loadable(saved):
     assert not leftovers
     loaded = _ok(launch.run(_checkpoint_world.load, 2, folder, timeout=180))
     _equal(loaded[0]["weights"], values[0]["weights"])
+
+
+def test_a_rank_that_does_not_see_every_file_of_the_checkpoint_refuses_to_commit(tmp_path):
+    """What each rank checks after DCP's write (node-local disks: a node sees only its own files)."""
+    from types import SimpleNamespace
+
+    from shardimpl import checkpoint
+
+    partial = tmp_path / ".ckpt.partial-0123456789ab"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"x" * 100)  # this node's rank wrote it; rank 1's is elsewhere
+    storage = {i: SimpleNamespace(relative_path=name, offset=0, length=100)
+               for i, name in enumerate(["__0_0.distcp", "__1_0.distcp"])}
+    metadata = SimpleNamespace(storage_data=storage)
+    checkpoint._VISIBLE_WAIT_SECONDS, saved = 0.0, checkpoint._VISIBLE_WAIT_SECONDS
+    try:
+        with pytest.raises(ValueError, match="shared by all nodes at the same path") as info:
+            checkpoint._check_every_file_visible(str(partial), metadata, str(tmp_path / "ckpt"), "save_sharded")
+        assert "['.metadata', '__1_0.distcp'] (written by rank(s) [1])" in str(info.value)
+        (partial / "__1_0.distcp").write_bytes(b"x" * 100)
+        (partial / ".metadata").write_bytes(b"m")
+        checkpoint._check_every_file_visible(str(partial), metadata, str(tmp_path / "ckpt"), "save_sharded")
+        (partial / "__1_0.distcp").write_bytes(b"x" * 10)  # shorter than the metadata says: not all there
+        with pytest.raises(ValueError, match=r"does not see \['__1_0.distcp'\]"):
+            checkpoint._check_every_file_visible(str(partial), metadata, str(tmp_path / "ckpt"), "save_sharded")
+    finally:
+        checkpoint._VISIBLE_WAIT_SECONDS = saved

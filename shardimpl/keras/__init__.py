@@ -4,6 +4,10 @@
 nothing) and `uninstall()` undoes them exactly. With no distribution set Keras
 behaves as stock. Supported: keras 3.15.x and keras-nightly 3.16.dev.
 
+From ``import shardimpl`` on, Keras' empty torch ``distribution_lib`` slot
+holds `before_install` (``keras.distribution.initialize()`` works before
+`install()`; the rest names it): `patches.before_install_table`.
+
 Modules: `backend` (Keras' distribution_lib vocabulary for torch),
 `variables` (sharded creation and the per-variable guard), `steps` (trainer
 steps and data), `saving` (conversion, assignment, saving), `rules` (DTensor
@@ -14,12 +18,69 @@ version), `active` (the installed switch).
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
+import sys
 
 from shardimpl.keras import active
 
 __all__ = ["install", "uninstall", "installed", "is_installed"]
 
 _applied: list = []
+_KERAS_DISTRIBUTION = "keras.src.distribution.distribution_lib"
+
+
+class _ThenCall(importlib.abc.Loader):
+    """A module's own loader, then ``callback()`` once the module has run."""
+
+    def __init__(self, loader, callback):
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback()
+
+    def __getattr__(self, name):  # get_source, get_filename, ...: the real loader's
+        return getattr(self._loader, name)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``callback`` right after module ``name`` is first imported; then steps aside."""
+
+    def __init__(self, name: str, callback):
+        self._name, self._callback = name, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self._name:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenCall(spec.loader, self._callback)
+        return spec
+
+
+def _fill_keras_slot() -> None:
+    from shardimpl.keras.patches import apply_before_install
+
+    apply_before_install()
+
+
+def _prepare_keras() -> None:
+    """Give Keras' empty torch ``distribution_lib`` slot `shardimpl.keras.before_install` (see
+    `shardimpl.keras.patches.before_install_table`): now if Keras is imported, else right after
+    it is. Imports no Keras itself."""
+    if _KERAS_DISTRIBUTION in sys.modules:
+        _fill_keras_slot()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(_KERAS_DISTRIBUTION, _fill_keras_slot))
+
+
+_prepare_keras()
 
 
 def is_installed() -> bool:

@@ -10,14 +10,13 @@ entry name several mesh axes (`wrap_validate_axes`). Devices are named
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.create import distribute_variable as _distribute_variable
+from shardimpl.launchers import detect
 from shardimpl.layout import TorchLayout
 from shardimpl.mesh import local_device, resolve_layout, to_torch_mesh, torch_placements
 
@@ -55,49 +54,37 @@ def get_device_count(device_type=None):
 
 
 def initialize(job_addresses=None, num_processes=None, process_id=None):
-    """Join (or create) the torch.distributed world.
+    """Join (or create) the torch.distributed world: `shardimpl.rendezvous.initialize`.
 
-    Under torchrun the environment already says everything. Otherwise
+    Under torchrun or srun (or with MASTER_ADDR, MASTER_PORT, RANK and
+    WORLD_SIZE set) the environment says everything. Otherwise
     ``job_addresses`` is "host:port" of rank 0 (only the first address is
     used), with ``num_processes`` and ``process_id``. Backend: NCCL when CUDA
-    is available, else gloo. Collective: the rendezvous.
+    is available, else gloo. Every rank waits for the others at most
+    ``SHARDIMPL_TIMEOUT`` seconds (default 300), at the join and in every
+    collective; `shardimpl.initialize(timeout=...)` takes it as an argument.
+    Collective: the rendezvous.
     """
-    if dist.is_initialized():
-        return
-    env = os.environ
-    if job_addresses:
-        host, _, port = job_addresses.split(",")[0].partition(":")
-        env.setdefault("MASTER_ADDR", host)
-        env.setdefault("MASTER_PORT", port or "29500")
-    if num_processes is not None:
-        env["WORLD_SIZE"] = str(num_processes)
-    if process_id is not None:
-        env["RANK"] = str(process_id)
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK") if k not in env]
-    if missing:
-        raise ValueError(
-            "keras.distribution.initialize() on torch needs the rank-0 address, the number "
-            f"of processes and this process's id. Missing: {missing}. Launch with torchrun, "
-            "or pass job_addresses='host:port', num_processes=N, process_id=R."
-        )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(env.get("LOCAL_RANK", env["RANK"])) % torch.cuda.device_count())
-    dist.init_process_group(backend)
+    from shardimpl.rendezvous import initialize as join
+
+    join(address=job_addresses, world_size=num_processes, rank=process_id)
 
 
 def num_processes():
-    """The world size: the process group's, or before it starts the launcher's ``WORLD_SIZE``."""
+    """The world size: the process group's, or before it starts the launcher's (torchrun's
+    WORLD_SIZE, SLURM's task count; `shardimpl.launchers`), 1 without a launcher."""
     if dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    found = detect()
+    return found.world_size if found else 1
 
 
 def process_id():
-    """This process's rank: the process group's, or before it starts the launcher's ``RANK``."""
+    """This process's rank: the process group's, or before it starts the launcher's."""
     if dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
+    found = detect()
+    return found.rank if found else 0
 
 
 def _to_backend_device(device_name):

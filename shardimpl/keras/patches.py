@@ -7,6 +7,14 @@ applied before re-raising; `undo_all` restores exactly what was there
 (an attribute the owner did not define itself is deleted again; a DTensor op's
 entry in every sharding-strategy table is put back or removed).
 
+`before_install_table()` holds the only rows applied without ``install()``:
+from ``import shardimpl`` on (or, when Keras comes later, as soon as Keras'
+distribution module is imported), Keras' empty torch ``distribution_lib``
+slot (None) holds `shardimpl.keras.before_install`, so that
+``keras.distribution.initialize()`` works before ``install()`` and anything
+else names it. `install()` replaces the slot like any row; `uninstall()` puts
+back what was there.
+
 Nothing else in shardimpl assigns to a Keras or torch attribute. Variables
 created sharded carry their own guard (`shardimpl.keras.variables`), which
 is per object, not global.
@@ -23,7 +31,8 @@ from torch.distributed.tensor import DTensor
 from shardimpl.keras import backend, calls, ops, rules, saving, steps, variables
 from shardimpl.keras.compat import keras_distribution_lib, torch_core, torch_layer_class, torch_trainer_class
 
-__all__ = ["Patch", "patch_table", "apply_all", "undo_all", "describe_table"]
+__all__ = ["Patch", "patch_table", "before_install_table", "apply_before_install", "apply_all", "undo_all",
+           "describe_table"]
 
 
 @dataclass(frozen=True)
@@ -60,10 +69,7 @@ def patch_table() -> list[Patch]:
     core = torch_core
     trainer = torch_trainer_class
 
-    def keras_backend_pkg():
-        from keras.src import backend as pkg
-
-        return pkg
+    keras_backend_pkg = _keras_backend_pkg
 
     def data_adapters():
         from keras.src.trainers import data_adapters as mod
@@ -187,6 +193,47 @@ def patch_table() -> list[Patch]:
     return rows
 
 
+def _keras_backend_pkg():
+    from keras.src import backend as pkg
+
+    return pkg
+
+
+def before_install_table() -> list[Patch]:
+    """The rows `apply_before_install` applies, only where Keras' slot is empty (None)."""
+    from shardimpl.keras import before_install
+
+    def fill(original):
+        return before_install if original is None else original
+
+    return [
+        Patch("keras.src.backend", "distribution_lib",
+              "until install(): keras.distribution.initialize() joins the world; other names say "
+              "to call install() (stock: None, so initialize() raised AttributeError on NoneType)",
+              _one(_keras_backend_pkg), fill),
+        Patch("keras.src.distribution.distribution_lib", "distribution_lib",
+              "the same, where keras.distribution.initialize() reads it",
+              _one(keras_distribution_lib), fill),
+    ]
+
+
+def apply_before_install() -> None:
+    """Fill Keras' empty torch ``distribution_lib`` slots (`before_install_table`); nothing on
+    another backend or when a slot is taken. Never raises: ``import keras`` must not fail here."""
+    try:
+        if _keras_backend_pkg().backend() != "torch":
+            return
+        for patch in before_install_table():
+            for target in patch.targets():
+                if getattr(target, patch.attribute, None) is None:
+                    setattr(target, patch.attribute, patch.replacement(None))
+    except Exception as exc:  # e.g. a Keras that moved a name: stock behaviour, with a word
+        import warnings
+
+        warnings.warn(f"shardimpl could not prepare keras.distribution.initialize() before install(): "
+                      f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+
+
 _MISSING = object()
 
 
@@ -258,4 +305,6 @@ def describe_table() -> str:
     lines = ["| owner | attribute | why |", "|---|---|---|"]
     for p in patch_table():
         lines.append(f"| {p.owner} | `{p.attribute}` | {p.why} |")
+    for p in before_install_table():
+        lines.append(f"| {p.owner} | `{p.attribute}` | (from `import shardimpl`, where None) {p.why} |")
     return "\n".join(lines)

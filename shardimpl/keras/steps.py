@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from shardimpl.keras.active import current_distribution
 from shardimpl.keras.context import step_context
 from shardimpl.layout import local_shard_bounds
+from shardimpl.rendezvous import explain
 from shardimpl.mesh import kept_axes, local_device, mesh_coordinate, to_torch_mesh
 
 __all__ = [
@@ -191,9 +192,16 @@ def _on_host(x):
 def wrap_loop(original):
     @functools.wraps(original)
     def loop(self, *args, **kwargs):
-        if _distribution() is not None:
+        if _distribution() is None:
+            return original(self, *args, **kwargs)
+        try:
             agree_host_rng()
-        return original(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
+        except Exception as exc:  # a rank stopped or cut off: name it (shardimpl.rendezvous)
+            named = explain(exc, f"{original.__name__}()")
+            if named is not None:
+                raise named from exc
+            raise
 
     return loop
 
