@@ -92,7 +92,7 @@ def collect_rows(args, budget):
         _say(f"{PROG}: {len(scenarios)} scenarios on {args.device}: {','.join(args.families)} x "
              f"{','.join(map(str, args.sizes))} MiB x N = {','.join(map(str, args.ranks))} x "
              f"{','.join(args.modes)}{limit} -> {args.out}/")
-    torchrun = launch._in_torchrun()
+    torchrun = launch.in_launched_world()
     if not torchrun:
         stopping.start_forkserver()
     rows, world, world_key = [], None, None
@@ -181,7 +181,7 @@ def _launched_world():
     one rank of several: the harness then runs on the launcher's ranks. None otherwise."""
     from shardimpl import launch, launchers
 
-    return launchers.detect() if launch._in_torchrun() else None
+    return launchers.detect() if launch.in_launched_world() else None
 
 
 def _use_the_launchers_world(args, launched) -> dict:

@@ -88,7 +88,7 @@ def start_forkserver() -> None:
 
     from shardimpl import launch
 
-    if launch._in_torchrun():
+    if launch.in_launched_world():
         return
     launch.process_context()  # the preload list
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

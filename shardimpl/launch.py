@@ -44,7 +44,7 @@ from shardimpl.outcome import RankResult
 from shardimpl.outcome import call as _call
 from shardimpl.outcome import describe as _describe
 
-__all__ = ["run", "World", "RankResult", "STATUSES", "process_context"]
+__all__ = ["run", "World", "RankResult", "STATUSES", "process_context", "in_launched_world"]
 
 STATUSES = ("ok", "oom", "error", "timeout")
 _GRACE_SECONDS = 5.0
@@ -175,7 +175,7 @@ def _pickled_call(fn, args, budget_bytes, where: str) -> bytes:
         ) from None
 
 
-def _in_launched_world() -> bool:
+def in_launched_world() -> bool:
     """True when a launcher started this process as one rank of a world of several (torchrun at
     any size, a SLURM step of two tasks or more); never in ranks this module spawned."""
     from shardimpl.launchers import detect
@@ -183,9 +183,6 @@ def _in_launched_world() -> bool:
     found = detect()
     return found is not None and (found.launcher == "torchrun" or
                                   (found.launcher == "slurm" and found.world_size > 1))
-
-
-_in_torchrun = _in_launched_world  # the name the bench harness calls (torchrun or srun alike)
 
 
 class World:
@@ -343,7 +340,7 @@ def run(
     the call returns at most a few seconds (stopping the ranks) after it.
     """
     deadline = time.monotonic() + timeout
-    if _in_launched_world():
+    if in_launched_world():
         from shardimpl import launched
 
         return launched.run(fn, int(nprocs), args, device, budget_bytes, timeout)

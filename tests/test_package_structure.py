@@ -96,16 +96,34 @@ def test_bench_layers_the_harness_and_the_report_depend_on_nothing_above_them():
         assert {m: t for m, t in outside.items() if t} == {}, layer
 
 
+def _private_shardimpl_uses(tree) -> list[str]:
+    """Private shardimpl names a module reaches: imported, or read off an imported shardimpl module."""
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shardimpl"):
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            if private or any(part.startswith("_") for part in node.module.split(".")):
+                found.append(f"from {node.module} import {', '.join(a.name for a in node.names)}")
+            modules |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("shardimpl")}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
 def test_bench_uses_only_public_names_of_shardimpl():
     """The harness measures what a user can call: no private shardimpl module or name."""
-    offenders = []
-    for name, path in _modules(ROOT / "bench").items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shardimpl"):
-                private = [a.name for a in node.names if a.name.startswith("_")]
-                if private or any(part.startswith("_") for part in node.module.split(".")):
-                    offenders.append(f"{name}: from {node.module} import {', '.join(a.name for a in node.names)}")
+    offenders = [f"{name}: {use}" for name, path in _modules(ROOT / "bench").items()
+                 for use in _private_shardimpl_uses(ast.parse(path.read_text()))]
     assert offenders == []
+
+
+def test_the_private_name_check_sees_imports_and_attribute_reads():
+    tree = ast.parse("from shardimpl import launch\nfrom shardimpl.x import _y\nlaunch._in_torchrun()\nlaunch.run()\n")
+    assert _private_shardimpl_uses(tree) == ["from shardimpl.x import _y", "launch._in_torchrun"]
 
 
 def test_the_cycle_finder_finds_a_planted_cycle():

@@ -10,28 +10,27 @@ from __future__ import annotations
 
 __all__ = ["naive_distribute_variable", "use_naive_creation"]
 
+_SHARDIMPL = {}  # shardimpl's own creation step, kept when the naive one replaces it
+
 
 def naive_distribute_variable(value, layout, *, shape=None, dtype=None, name=None):
     """Full tensor on the host with stock Keras, then this rank's slice; the full tensor is freed."""
     import keras
     import torch
 
-    from shardimpl import create
-
     if isinstance(value, (str, dict)) or callable(value) and not isinstance(value, torch.Tensor):
         init = keras.initializers.get(value) if isinstance(value, (str, dict)) else value
         with keras.device("cpu"):
             full = init(tuple(shape), dtype=dtype)
-        out = create._original_distribute_variable(torch.as_tensor(full), layout, dtype=dtype, name=name)
+        out = _SHARDIMPL["distribute_variable"](torch.as_tensor(full), layout, dtype=dtype, name=name)
         del full
         return out
-    return create._original_distribute_variable(value, layout, shape=shape, dtype=dtype, name=name)
+    return _SHARDIMPL["distribute_variable"](value, layout, shape=shape, dtype=dtype, name=name)
 
 
 def use_naive_creation() -> None:
     """Swap shardimpl's creation step for the naive one in this process (a rank of mode "naive")."""
     from shardimpl import create
 
-    if not hasattr(create, "_original_distribute_variable"):
-        create._original_distribute_variable = create.distribute_variable
+    _SHARDIMPL.setdefault("distribute_variable", create.distribute_variable)
     create.distribute_variable = naive_distribute_variable
