@@ -108,6 +108,7 @@ class _LiveStorageCounter(TorchDispatchMode):
         self.device_type = device_type
         self.live = 0
         self.peak = 0
+        self.peak_since_mark = 0
         self._seen: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -143,6 +144,7 @@ class _LiveStorageCounter(TorchDispatchMode):
             self._seen[key] = nbytes
             self.live += nbytes
             self.peak = max(self.peak, self.live)
+            self.peak_since_mark = max(self.peak_since_mark, self.live)
         weakref.finalize(storage, self._release, key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -439,3 +441,14 @@ class PeakMeter:
     def live_bytes(self) -> int:
         """Live bytes counted so far inside the block (CPU meter only)."""
         return self._counter.live
+
+    def mark(self) -> None:
+        """Start a sub-interval of the block: `peak_since_mark` restarts from the live bytes now
+        (CPU meter only). A planner reads each phase of a step this way, in one meter."""
+        with self._counter._lock:
+            self._counter.peak_since_mark = self._counter.live
+
+    @property
+    def peak_since_mark(self) -> int:
+        """The highest live bytes counted inside the block since the last `mark` (or the entry)."""
+        return self._counter.peak_since_mark

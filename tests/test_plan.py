@@ -80,6 +80,18 @@ def test_70b_on_a_128x8_mesh_plans_the_step_users_run_near_zeros_bound():
     assert row["host_peak_rss_bytes"] < 4 << 30
 
 
+def test_a_deep_transformer_extrapolated_from_three_depths_equals_planning_every_block():
+    """Blocks are identical: every figure planned at 1, 2 and 3 blocks and extrapolated equals
+    the plan of all 16 blocks (1.1B parameters, AdamW + mixed precision + remat, 8 ranks)."""
+    train = TrainConfig(optimizer="adamw", precision="mixed_bfloat16", remat="full", seq=128, batch=1)
+    size = plan.parse_params("1B")
+    deep, full = plan.plan("transformer", size, [8], train=train, jobs=2)[0], \
+        plan.plan("transformer", size, [8], train=train, full_depth=True)[0]
+    assert deep["depth"]["blocks"] == 16 and deep["depth"]["planned"] == [1, 2, 3] and "depth" not in full
+    for key in ("build_peak_bytes", "step_peak_bytes", "model_state_bytes", "local_param_bytes", "activation_bytes"):
+        assert abs(deep[key] - full[key]) <= 1e-3 * full[key], (key, deep[key], full[key])
+
+
 def test_a_step_error_names_its_cause_not_the_last_line():
     try:
         try:

@@ -67,12 +67,15 @@ def exact_param_bytes(family: str, param_bytes, itemsize: int = 4) -> int:
     return param_count(family, param_bytes) * itemsize
 
 
-def build_model(family: str, param_bytes, *, batch: int = BATCH, seq: int = SEQ, remat: bool = False):
+def build_model(family: str, param_bytes, *, batch: int = BATCH, seq: int = SEQ, remat: bool = False,
+                layers: int | None = None):
     """A Keras model of ``family`` at the size knob ``param_bytes``, built.
 
     The transformer takes int32 tokens (batch, seq) and returns logits; keras-hub families
     are CausalLMs (the LM head included); the mlp takes (batch, width). ``remat``: every
     block (mlp: every layer) is rematerialized in backward (``keras.RematScope``).
+    ``layers``: the transformer with this many blocks instead of its own (the planner
+    extrapolates a deep model's figures from a few blocks).
     """
     import contextlib
 
@@ -83,10 +86,12 @@ def build_model(family: str, param_bytes, *, batch: int = BATCH, seq: int = SEQ,
 
         return build_hub_model(family, param_bytes, remat=remat)
     dims = dims_for(family, param_bytes)
+    if layers is not None and family != "transformer":
+        raise ValueError(f"layers= sets the transformer's depth only. Received: family={family!r}, layers={layers}.")
     if family == "transformer":
         from bench.harness.transformer import build_transformer
 
-        return build_transformer(dims, batch=batch, seq=seq, remat=remat)
+        return build_transformer({**dims, "layers": layers or dims["layers"]}, batch=batch, seq=seq, remat=remat)
     width = dims["width"]
     names = [f"dense_{i}" for i in range(DEPTH)]
     scope = keras.RematScope(mode="list_of_layers", layer_names=names) if remat else contextlib.nullcontext()

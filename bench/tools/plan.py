@@ -15,13 +15,18 @@ in mixed precision), the largest block a layer gathers along "batch", and the ac
 forward keeps for backward. Defaults: AdamW, mixed_bfloat16, remat full, 4096 tokens, one
 sequence per data-parallel rank (the batch of a ("batch", "model") mesh's B ranks is B).
 
-Each N runs in a fresh process (the fake world is process-global).
+Each row is planned in fresh processes (the fake world is process-global; `bench.tools.plan_rank`
+runs in them), ``--jobs`` at a time. A transformer deeper than 3 blocks is planned at 1, 2 and 3
+blocks and extrapolated to its depth, phase by phase (`extrapolate_depth`): its blocks are
+identical, so every phase's peak, the model state and the activations grow by the same bytes
+per block; the 1-block run checks the line through the other two, and the row says how far it
+was off (``depth.check``). ``--full-depth`` plans every block instead (a 70B model's 80 blocks
+take about 20 times as long).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -29,9 +34,12 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from bench.tools.plan_rank import describe_error, plan_rank  # noqa: F401 (describe_error: re-exported)
+
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-__all__ = ["plan_rank", "plan", "parse_params", "default_train", "describe_error", "step_terms", "table", "main"]
+__all__ = ["plan", "plan_runs", "extrapolate_depth", "parse_params", "default_train", "step_terms", "table", "main",
+           "DEPTHS"]
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
@@ -49,91 +57,6 @@ def parse_params(text: str, itemsize: int = 4) -> int:
     return int(float(m.group(1)) * _SUFFIX[m.group(2)]) * itemsize
 
 
-def _strided_shard_bounds_outside_fake_mode() -> None:
-    """In this (fresh, planning-only) process, let DTensor compute _StridedShard bounds on real tensors.
-
-    torch 2.13 derives a strided shard's offsets from ``torch.arange(n).tolist()``,
-    which FakeTensorMode refuses (a data-dependent output); keras-hub's attention
-    einsums produce such placements. The arange is index arithmetic of n integers,
-    not model data, so it runs on real memory here. Applied only in plan workers.
-    """
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    original = _StridedShard.local_shard_size_and_offset
-    if getattr(original, "_shardimpl_plan", False):
-        return
-
-    def bounds(self, *args, **kwargs):
-        with unset_fake_temporarily():
-            return original(self, *args, **kwargs)
-
-    bounds._shardimpl_plan = True
-    _StridedShard.local_shard_size_and_offset = bounds
-
-
-def plan_rank(family: str, param_bytes, ranks: int, step: bool = True, mesh=None, train=None) -> dict:
-    """Rank 0 of a fake ``ranks``-rank world: build (and train) the model; peaks of live bytes.
-
-    ``mesh``: None (the family's 1-D mesh) or (B, M) / 'BxM' for a ("batch", "model") mesh.
-    ``train``: the `TrainConfig` (default: `PLAN_DEFAULT` with one sequence per data rank).
-    """
-    import keras
-    import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    import shardimpl
-    from bench.harness import training
-    from bench.harness.families import build_model, layout_map, mesh_label, model_mesh, param_count, parse_mesh
-    from shardimpl.fsdp import stats as fsdp_stats
-    from shardimpl.mesh import to_torch_mesh
-    from shardimpl.meters import PeakMeter
-
-    mesh_shape = parse_mesh(mesh, ranks)
-    train = train or default_train(mesh_shape)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
-    _strided_shard_bounds_outside_fake_mode()
-    shardimpl.install()
-    keras_mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)], mesh_shape)
-    keras.distribution.set_distribution(keras.distribution.ModelParallel(
-        layout_map=layout_map(family, keras_mesh, param_bytes, batch=train.batch)))
-    to_torch_mesh(keras_mesh)  # mesh and seed agreement outside the fake mode (they read real values)
-    start = time.perf_counter()
-    params = param_count(family, param_bytes)
-    row = {"family": family if not isinstance(param_bytes, str) else f"{family} ({param_bytes})",
-           "params": params, "param_bytes": params * training.variable_itemsize(train), "ranks": ranks,
-           "mesh": mesh_label(mesh_shape, ranks), **train.as_row(), "step_peak_bytes": None,
-           "step_error": None, "activation_bytes": None, "gathered_block_bytes": 0}
-    row["ideal_bytes"] = row["param_bytes"] / ranks
-    row["zero_state_bytes"] = params * training.state_bytes_per_param(train) / ranks
-    shape = {"batch": train.batch, "seq": train.seq, "remat": train.remat == "full"}
-    with FakeTensorMode(allow_non_fake_inputs=True), training.dtype_policy(train):
-        with PeakMeter("cpu") as run:
-            with PeakMeter("cpu") as build:
-                model = build_model(family, param_bytes, **shape)
-            row["build_peak_bytes"] = build.result().device_peak_bytes
-            row["local_param_bytes"] = sum(_local(v.value) for v in model.weights)
-            if step:
-                try:
-                    data = training.train_data(family, param_bytes, train)
-                    training.compile_model(model, family, train)
-                    training.train_step(model, data)  # creates the optimizer's slots, as the harness
-                    fsdp_stats().reset()
-                    with _forward_kept(model, run) as kept:
-                        training.train_step(model, data)  # a forward beside the last step's gradients
-                    row["gathered_block_bytes"] = fsdp_stats().largest_bytes
-                    row["activation_bytes"] = kept["bytes"]
-                except Exception as exc:  # a layout DTensor cannot run at this N is a result, not a crash
-                    row["step_error"] = describe_error(exc)
-        if step and row["step_error"] is None:
-            row["step_peak_bytes"] = run.result().device_peak_bytes
-            row.update(training.model_state_bytes(model))
-    row["seconds"] = time.perf_counter() - start
-    row["host_peak_rss_bytes"] = _max_rss()
-    return row
-
-
 def default_train(mesh_shape=None):
     """`PLAN_DEFAULT` with one sequence per data-parallel rank (B on a B x M mesh, 1 on one axis)."""
     from bench.harness.training import TrainConfig
@@ -142,30 +65,6 @@ def default_train(mesh_shape=None):
 
 
 PLAN_DEFAULT = {"optimizer": "adamw", "precision": "mixed_bfloat16", "remat": "full", "seq": 4096}
-
-
-def _local(t) -> int:
-    t = t.to_local() if hasattr(t, "to_local") else t
-    return t.numel() * t.element_size()
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line that names the cause: the exception's own first line, and its causes' (Keras
-    re-raises layer errors with the original message first and call arguments after)."""
-    parts, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-        parts.append(f"{type(exc).__name__}: {first}"[:400])
-        exc = exc.__cause__ or exc.__context__
-    return " <- ".join(parts)
-
-
-def _max_rss() -> int:
-    """This (planning) process's peak resident set size so far."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def step_terms(row) -> int | None:
@@ -178,31 +77,8 @@ def step_terms(row) -> int | None:
     return row["model_state_bytes"] + 2 * row["gathered_block_bytes"] + row["activation_bytes"]
 
 
-@contextlib.contextmanager
-def _forward_kept(model, meter):
-    """Measures, during one Keras train step, the bytes its forward keeps for the backward: the
-    live bytes when the loss is computed (Keras' torch step has run the forward and dropped the
-    last step's gradients by then) less those when the step started, gradients excluded."""
-    kept = {"bytes": None}
-    start = {}
-    original = model.compute_loss
-
-    def compute_loss(*args, **kwargs):
-        if kept["bytes"] is None:
-            kept["bytes"] = meter.live_bytes - start["live"]
-        return original(*args, **kwargs)
-
-    grads = sum(_local(v.value.grad) for v in model.trainable_weights if v.value.grad is not None)
-    start["live"] = meter.live_bytes - grads
-    model.compute_loss = compute_loss
-    try:
-        yield kept
-    finally:
-        del model.compute_loss
-
-
 def plan(family: str, param_bytes, ranks_list, *, step: bool = True, log=None, mesh=None,
-         train=None, jobs: int = 1) -> list[dict]:
+         train=None, jobs: int = 1, full_depth: bool = False) -> list[dict]:
     """One row per world size in ``ranks_list``, each planned in a fresh process (``jobs`` at a time).
 
     ``mesh``: None for the family's 1-D mesh, or (B, M) / 'BxM' for a ("batch", "model") mesh
@@ -217,27 +93,114 @@ def plan(family: str, param_bytes, ranks_list, *, step: bool = True, log=None, m
         if ranks_list != [shape[0] * shape[1]]:
             raise ValueError(f"plan: mesh {shape[0]}x{shape[1]} has {shape[0] * shape[1]} ranks; "
                              f"received ranks {ranks_list}.")
-    return plan_runs(family, param_bytes, [(n, shape, train) for n in ranks_list], step=step, log=log, jobs=jobs)
+    return plan_runs(family, param_bytes, [(n, shape, train) for n in ranks_list], step=step, log=log,
+                     jobs=jobs, full_depth=full_depth)
 
 
-def plan_runs(family: str, param_bytes, runs, *, step: bool = True, log=None, jobs: int = 1) -> list[dict]:
-    """Rows for ``runs`` = [(N, mesh shape or None, TrainConfig or None)], in order; each in a
-    fresh process (the fake world is process-global), ``jobs`` processes at a time."""
+#: Blocks a deep transformer is planned at; its depth is extrapolated from them.
+DEPTHS = (1, 2, 3)
+
+
+def _depths(family: str, param_bytes, full_depth: bool) -> tuple:
+    """The block counts to plan (None: the model's own depth)."""
+    if family != "transformer" or full_depth:
+        return (None,)
+    from bench.harness.families import dims_for
+
+    return DEPTHS if dims_for(family, param_bytes)["layers"] > max(DEPTHS) else (None,)
+
+
+def plan_runs(family: str, param_bytes, runs, *, step: bool = True, log=None, jobs: int = 1,
+              full_depth: bool = False) -> list[dict]:
+    """Rows for ``runs`` = [(N, mesh shape or None, TrainConfig or None)], in order. Each run is
+    planned in fresh processes (the fake world is process-global), ``jobs`` at a time: once, or
+    at `DEPTHS` blocks and extrapolated (`extrapolate_depth`)."""
     from concurrent.futures import as_completed
 
     from shardimpl.launch import process_context
 
-    jobs = max(1, min(jobs, len(runs)))
+    runs = [(n, shape, train or default_train(shape)) for n, shape, train in runs]
+    depths = _depths(family, param_bytes, full_depth)
+    tasks = [(i, layers) for i in range(len(runs)) for layers in depths]
+    results = [{} for _ in runs]
+    jobs = max(1, min(jobs, len(tasks)))
     with ProcessPoolExecutor(jobs, mp_context=process_context(), max_tasks_per_child=1) as pool:
-        futures = {pool.submit(plan_rank, family, param_bytes, n, step, shape, train): i
-                   for i, (n, shape, train) in enumerate(runs)}
-        rows = [None] * len(runs)
+        futures = {pool.submit(plan_rank, family, param_bytes, runs[i][0], step, runs[i][1], runs[i][2], layers):
+                   (i, layers) for i, layers in tasks}
         for future in as_completed(futures):
-            row = rows[futures[future]] = future.result()
-            if log:
-                print(f"plan: {family} N={row['ranks']} mesh {row['mesh']}: {row['seconds']:.1f} s", file=log,
-                      flush=True)
-    return rows
+            i, layers = futures[future]
+            results[i][layers] = future.result()
+            if log and len(results[i]) == len(depths):
+                n, shape, _ = runs[i]
+                spent = sum(r["seconds"] for r in results[i].values())
+                print(f"plan: {family} N={n} mesh {mesh_text(shape)}: {spent:.1f} s", file=log, flush=True)
+    return [_row(family, param_bytes, run, result) for run, result in zip(runs, results)]
+
+
+def mesh_text(shape) -> str:
+    return "1d" if shape is None else f"{shape[0]}x{shape[1]}"
+
+
+def _row(family: str, param_bytes, run, results: dict) -> dict:
+    """The row of one run: what the model is, and this rank's figures (extrapolated in depth
+    when the run was planned at `DEPTHS`)."""
+    from bench.harness import training
+    from bench.harness.families import dims_for, param_count
+
+    n, shape, train = run
+    params = param_count(family, param_bytes)
+    row = {"family": family if not isinstance(param_bytes, str) else f"{family} ({param_bytes})",
+           "params": params, "param_bytes": params * training.variable_itemsize(train), "ranks": n,
+           "mesh": mesh_text(shape), **train.as_row(), "step_peak_bytes": None}
+    row["ideal_bytes"] = row["param_bytes"] / n
+    row["zero_state_bytes"] = params * training.state_bytes_per_param(train) / n
+    if None in results:
+        return {**row, **results[None]}
+    return {**row, **extrapolate_depth(results, dims_for(family, param_bytes)["layers"])}
+
+
+#: Figures that grow by the same bytes per block (every phase's peak too).
+_PER_BLOCK = ("build_peak_bytes", "local_param_bytes", "activation_bytes", "weight_bytes", "grad_bytes",
+              "slot_bytes", "model_state_bytes")
+
+
+def extrapolate_depth(results: dict, layers: int) -> dict:
+    """This rank's figures at ``layers`` blocks from plans at a few (``{blocks: plan_rank row}``):
+    each linear figure on the line through the two deepest plans; the run's peak is the largest
+    extrapolated phase peak. ``depth.check``: the largest relative miss of that line at the
+    shallowest plan (0 when every figure grows exactly by block)."""
+    depths = sorted(results)
+    lo, a, b = (results[d] for d in depths)
+    errors = [r["step_error"] for r in (lo, a, b) if r.get("step_error")]
+    out = {"seconds": sum(r["seconds"] for r in results.values()),
+           "host_peak_rss_bytes": max(r["host_peak_rss_bytes"] for r in results.values()),
+           "gathered_block_bytes": max(r["gathered_block_bytes"] for r in results.values()),
+           "step_error": errors[0] if errors else None}
+
+    def line(get):
+        ya, yb = get(a), get(b)
+        if ya is None or yb is None:
+            return None, None
+        slope = (yb - ya) / (depths[2] - depths[1])
+        return round(yb + slope * (layers - depths[2])), ya - slope * (depths[1] - depths[0])
+
+    misses = []
+
+    def fit(name, get):
+        value, at_lo = line(get)
+        if value is not None and get(lo):
+            misses.append((abs(at_lo - get(lo)) / get(lo), name))
+        return value
+
+    for key in _PER_BLOCK:
+        out[key] = fit(key, lambda r, k=key: r.get(k))
+    phases = {name: fit(name, lambda r, k=name: r["phase_peaks"].get(k)) for name in b["phase_peaks"]}
+    out["phase_peaks"] = phases
+    if out["step_error"] is None and len(phases) > 1:
+        out["step_peak_bytes"] = max(v for v in phases.values() if v is not None)
+    worst = max(misses) if misses else (None, None)
+    out["depth"] = {"blocks": layers, "planned": depths, "check": worst[0], "check_figure": worst[1]}
+    return out
 
 
 def _mib(x):
@@ -305,6 +268,8 @@ def main(argv=None) -> int:
                         "a (\"batch\", \"model\") mesh of B x M ranks, e.g. --mesh 1d,2x4,8x8,128x8")
     p.add_argument("--json", help="write {meta, rows} here")
     p.add_argument("--no-step", action="store_true", help="plan the build only")
+    p.add_argument("--full-depth", action="store_true",
+                   help="plan every block of a deep transformer (default: 1, 2 and 3 blocks, extrapolated)")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
                    help="rows planned at once, each in its own process (default: the CPU count)")
     add_train_options(p, TrainConfig(**PLAN_DEFAULT), batch_default_text="one sequence per data-parallel rank")
@@ -330,9 +295,16 @@ def main(argv=None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     start = time.perf_counter()
-    rows = plan_runs(args.family, size, runs, step=not args.no_step, log=sys.stderr, jobs=args.jobs)
+    rows = plan_runs(args.family, size, runs, step=not args.no_step, log=sys.stderr, jobs=args.jobs,
+                     full_depth=args.full_depth)
     print(table(rows))
-    print(f"planned {len(rows)} rows in {time.perf_counter() - start:.0f} s ({min(args.jobs, len(rows))} at a "
+    deep = [r["depth"] for r in rows if r.get("depth")]
+    if deep:
+        worst = max(deep, key=lambda d: d["check"] or 0)
+        print(f"{worst['blocks']} blocks extrapolated from plans at {', '.join(map(str, worst['planned']))} "
+              f"blocks; the line through the two deepest misses the shallowest by at most "
+              f"{100 * (worst['check'] or 0):.2f} % ({worst['check_figure']}) (--full-depth plans every block)")
+    print(f"planned {len(rows)} rows in {time.perf_counter() - start:.0f} s ({args.jobs} processes at a "
           f"time); largest planning process {max(r['host_peak_rss_bytes'] for r in rows) / 2**30:.2f} GiB RSS")
     for r in rows:
         if r.get("step_error"):
