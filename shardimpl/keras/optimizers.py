@@ -110,9 +110,11 @@ class _Rule:
 
 
 def _plain(x):
-    """A Keras variable's or a (replicated) DTensor's value as a plain tensor."""
+    """A Keras variable's or a DTensor's value as a plain tensor (replicated: its local copy, no collective)."""
     x = getattr(x, "value", x) if not isinstance(x, torch.Tensor) else x
-    return x.full_tensor() if isinstance(x, DTensor) else x
+    if not isinstance(x, DTensor):
+        return x
+    return x._local_tensor if all(p.is_replicate() for p in x.placements) else x.full_tensor()
 
 
 def _cast(x, dtype):
@@ -363,7 +365,8 @@ def _taken(optimizer, slot_lists, grad, variable):
 def _run_chunked(optimizer, rule, scalars, taken: list[list[torch.Tensor]]) -> None:
     flats = [[t.view(-1) for t in tensors] for tensors in taken]
     update_bytes = sum(f[0].numel() * f[0].element_size() for f in flats)
-    limit = chunk_bytes(update_bytes)
+    # A rule without temporaries (SGD) needs no chunks: one group, the fewest calls.
+    limit = chunk_bytes(update_bytes) if rule.temporaries else max(update_bytes, 1)
     for group in chunk_groups([(f[0].numel(), f[0].element_size()) for f in flats], limit):
         columns = [[flats[i][k][a:b] for i, a, b in group] for k in range(len(flats[0]))]
         rule.kernel(optimizer, scalars, *columns)
@@ -399,7 +402,7 @@ def wrap_backend_update_step(original):
                 return original(self, grads, trainable_variables, learning_rate)
             if rest:  # Keras' own update for the variables the rule cannot take
                 original(self, [grads[i] for i in rest], [trainable_variables[i] for i in rest], learning_rate)
-            dtype = trainable_variables[0].dtype
+            dtype = trainable_variables[0].value.dtype  # as Keras: the first variable's, for the scalars
             scalars = rule.scalars(self, learning_rate, dtype)
             _run_chunked(self, rule, scalars, [t for t in taken if t is not None])
 
