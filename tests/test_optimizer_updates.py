@@ -114,3 +114,14 @@ def test_the_update_allocates_at_most_its_bound_while_keras_own_allocates_whole_
         if case != "sgd-momentum":  # SGD's update is in place in Keras too: nothing to compare
             assert s["bound"] < s["local_bytes"], s
             assert s["keras_own"] >= 2 * s["local_bytes"], s  # the meter does see temporaries
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("policy", _optim_world.POLICIES)
+def test_a_variable_the_rule_cannot_take_gets_keras_own_update_and_the_rest_stays_chunked(world, policy):
+    for rank in world:
+        adam = rank["compare"][f"adam-partly-keras/{policy}"]
+        assert adam["chunked_runs"] == _optim_world.STEPS and adam["max_abs_diff"] <= TOLERANCE, adam
+        nadam = rank["compare"][f"nadam-partly-keras/{policy}"]  # its shared product: all or nothing
+        assert nadam["chunked_runs"] == 0 and nadam["max_abs_diff"] <= TOLERANCE, nadam
+        assert min(adam["weights_moved"], nadam["weights_moved"]) > 100 * TOLERANCE

@@ -20,12 +20,14 @@ order (tests compare with Keras' own update).
 
 Keras' own path still runs for what is not covered: an optimizer class whose
 update rule is not one of Keras' nine (a subclass that overrides
-``_parallel_update_step``, or any other optimizer), no distribution, and
-variables whose gradient or slots are not laid out like the variable
-(Nadam, whose update also advances a shared product, falls back as a whole
-then). Weight decay (AdamW's ``_apply_weight_decay``, an in-place
-``_foreach_mul_``), gradient clipping, loss scaling, gradient accumulation and
-EMA are Keras' own code before and after this step and unchanged.
+``_parallel_update_step``, or any other optimizer), no distribution, variables
+not created sharded, and variables whose gradient or slots are not laid out
+like the variable (for Nadam, whose update also advances a shared product
+once per step, any such variable sends the whole step to Keras' path), and
+everything inside `keras_own_updates()`. Weight decay (AdamW's
+``_apply_weight_decay``, an in-place ``_foreach_mul_``), gradient clipping,
+loss scaling, gradient accumulation and EMA are Keras' own code before and
+after this step and unchanged. docs/optimizer-memory.md has the measurements.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from torch.distributed.tensor import DTensor
 from shardimpl.keras.compat import optimizer_slot_lists, torch_parallel_optimizer_classes
 from shardimpl.keras.variables import is_sharded_variable
 
-__all__ = ["wrap_backend_update_step", "keras_own_updates", "chunk_bytes", "chunk_groups", "scratch_bound_bytes", "rule_for",
-           "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES", "CHUNKS_PER_UPDATE"]
+__all__ = ["wrap_backend_update_step", "keras_own_updates", "chunk_bytes", "chunk_groups", "scratch_bound_bytes",
+           "rule_for", "MIN_CHUNK_BYTES", "MAX_CHUNK_BYTES", "CHUNKS_PER_UPDATE"]
 
 MiB = 1 << 20
 #: A group holds about 1/CHUNKS_PER_UPDATE of the rank's variables in the update ...
@@ -357,7 +359,7 @@ def _taken(optimizer, slot_lists, grad, variable):
     if any(s is None for s in slots):
         return None
     tensors = [_local(value, value), _local(grad, value)] + [_local(s.value, value) for s in slots]
-    if any(t is None for t in tensors) or len({t.dtype for t in tensors[:2]}) != 1:
+    if any(t is None for t in tensors) or len({t.dtype for t in tensors}) != 1:
         return None
     return tensors
 
@@ -387,7 +389,11 @@ def keras_own_updates():
 
 
 def wrap_backend_update_step(original):
-    """``TorchParallelOptimizer._backend_update_step``: sharded variables updated chunk by chunk."""
+    """``TorchParallelOptimizer._backend_update_step``: sharded variables updated chunk by chunk.
+
+    No collective (each rank updates its own shards; replicated scalars are read locally).
+    Allocates, on the variables' device, at most `scratch_bound_bytes` at a time.
+    """
 
     @functools.wraps(original)
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
