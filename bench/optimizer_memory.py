@@ -1,7 +1,7 @@
 """Keras optimizers on shardimpl: whole-run peak per rank and step time, Keras' own update vs the chunked one.
 
 `python -m bench.optimizer_memory [--families mlp,transformer,llama] [--size-mib 16] [--ranks 1,2,4]
-[--optimizers adamw,adam,sgd] [--speed-rounds 20] [--json FILE]`
+[--optimizers adamw,adam,sgd] [--speed-rounds 20] [--no-peaks] [--json FILE]`
 
 Memory (one world per N): each rank, for every (family, optimizer, arm), builds
 the family's model under its LayoutMap, compiles it with the Keras optimizer
@@ -181,13 +181,14 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default="2")
     p.add_argument("--optimizers", default="adamw,adam,sgd")
     p.add_argument("--speed-rounds", type=int, default=0)
+    p.add_argument("--no-peaks", action="store_true", help="time steps only")
     p.add_argument("--json")
     args = p.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     optimizers = [o for o in args.optimizers.split(",") if o]
     size = int(args.size_mib * MiB)
     out = {"load_before": os.getloadavg(), "peaks": [], "speed": []}
-    for n in [int(r) for r in args.ranks.split(",")]:
+    for n in [] if args.no_peaks else [int(r) for r in args.ranks.split(",")]:
         configs = [(f, size, o, arm) for f in families for o in optimizers for arm in ARMS]
         per_rank = _ok(launch.run(measure_peaks, n, configs, timeout=3600), f"peaks at N={n}")
         for rows in zip(*per_rank):  # the largest over ranks
