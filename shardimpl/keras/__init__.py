@@ -11,8 +11,9 @@ holds `before_install` (``keras.distribution.initialize()`` works before
 Modules: `backend` (Keras' distribution_lib vocabulary for torch),
 `variables` (sharded creation and the per-variable guard), `steps` (trainer
 steps and data), `saving` (conversion, assignment, saving), `rules` (DTensor
-sharding rules), `patches` (the table), `compat` (private Keras names by
-version), `active` (the installed switch).
+sharding rules), `optimizers` (optimizer updates on local shards, in bounded
+chunks), `patches` (the table), `compat` (private Keras names by version),
+`active` (the installed switch).
 """
 
 from __future__ import annotations

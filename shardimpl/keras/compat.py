@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["SUPPORTED_KERAS", "check_keras", "torch_core", "torch_trainer_class", "keras_distribution_lib",
-           "in_symbolic_scope", "torch_layer_class"]
+           "in_symbolic_scope", "torch_layer_class", "torch_parallel_optimizer_class",
+           "torch_parallel_optimizer_classes", "optimizer_slot_lists"]
 
 SUPPORTED_KERAS = ("3.15.", "3.16.")
 
@@ -90,3 +91,49 @@ def torch_layer_class():
     if cls is None or not all(hasattr(cls, a) for a in ("forward", "_track_variables", "_post_track_variable")):
         raise _moved("torch layer class", ("TorchLayer.forward", "TorchLayer._track_variables"))
     return cls
+
+
+#: Keras' torch optimizers whose update is one ``_parallel_update_step`` over all variables
+#: (``keras/src/backend/torch/optimizers/torch_<name>.py``, 3.15): module -> class name.
+_PARALLEL_OPTIMIZERS = {"torch_sgd": "SGD", "torch_adam": "Adam", "torch_adamw": "AdamW",
+                        "torch_rmsprop": "RMSprop", "torch_adagrad": "Adagrad", "torch_adadelta": "Adadelta",
+                        "torch_adamax": "Adamax", "torch_lion": "Lion", "torch_nadam": "Nadam"}
+
+
+def torch_parallel_optimizer_class():
+    """Keras' ``TorchParallelOptimizer`` (``backend/torch/optimizers/torch_parallel_optimizer.py``): the
+    base of Keras' torch optimizers; its ``_backend_update_step`` calls ``_parallel_update_step``."""
+    try:
+        from keras.src.backend.torch.optimizers import torch_parallel_optimizer as module
+    except ImportError:
+        raise _moved("torch parallel optimizer", ("keras.src.backend.torch.optimizers.torch_parallel_optimizer",)) \
+            from None
+    cls = getattr(module, "TorchParallelOptimizer", None)
+    if cls is None or "_backend_update_step" not in vars(cls):
+        raise _moved("torch parallel optimizer", ("TorchParallelOptimizer._backend_update_step",))
+    return cls
+
+
+def torch_parallel_optimizer_classes() -> dict:
+    """Keras' torch optimizer classes by name (``"Adam"`` -> ``torch_adam.Adam``), each with its own
+    or an inherited ``_parallel_update_step``."""
+    out = {}
+    for module_name, name in _PARALLEL_OPTIMIZERS.items():
+        try:
+            module = importlib.import_module(f"keras.src.backend.torch.optimizers.{module_name}")
+        except ImportError:
+            raise _moved(f"torch optimizer {name}", (f"keras.src.backend.torch.optimizers.{module_name}",)) from None
+        cls = getattr(module, name, None)
+        if cls is None or not hasattr(cls, "_parallel_update_step"):
+            raise _moved(f"torch optimizer {name}", (f"{module_name}.{name}._parallel_update_step",))
+        out[name] = cls
+    return out
+
+
+def optimizer_slot_lists(optimizer, names) -> list:
+    """The optimizer's per-variable slot lists named ``names`` (``Adam._momentums``, ...), each indexed
+    like ``optimizer._get_variable_index``."""
+    missing = [n for n in names if not isinstance(getattr(optimizer, n, None), list)]
+    if missing:
+        raise _moved(f"slot lists of {type(optimizer).__name__}", tuple(missing))
+    return [getattr(optimizer, n) for n in names]

@@ -28,8 +28,9 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import backend, calls, ops, rules, saving, steps, variables
-from shardimpl.keras.compat import keras_distribution_lib, torch_core, torch_layer_class, torch_trainer_class
+from shardimpl.keras import backend, calls, optimizers, ops, rules, saving, steps, variables
+from shardimpl.keras.compat import (keras_distribution_lib, torch_core, torch_layer_class,
+                                   torch_parallel_optimizer_class, torch_trainer_class)
 
 __all__ = ["Patch", "patch_table", "before_install_table", "apply_before_install", "apply_all", "undo_all",
            "describe_table"]
@@ -173,6 +174,10 @@ def patch_table() -> list[Patch]:
                       "keras-nightly only: DDP cannot take DTensor parameters (grads are already reduced)",
                       lambda: [c for c in [trainer()] if hasattr(c, "_initialize_ddp")],
                       steps.wrap_initialize_ddp))
+    rows.append(Patch("<torch optimizers>.TorchParallelOptimizer", "_backend_update_step",
+                      "sharded variables' elementwise updates (SGD, Adam, AdamW, ...) run on local shards in "
+                      "bounded chunks, not with whole-model _foreach temporaries",
+                      _one(torch_parallel_optimizer_class), optimizers.wrap_backend_update_step))
     rows.append(Patch("torch DTensor op dispatcher (the installing thread)", "_allow_implicit_replication",
                       "eager user code (samplers, metrics, custom loops) mixes plain tensors with "
                       "DTensors as replicated values, as JAX's global arrays do",
