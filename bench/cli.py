@@ -43,6 +43,8 @@ subcommands ({PROG} SUBCOMMAND --help for each one's options):
                     {PROG} speed --families mlp,transformer --size-mib 64 --ranks 2
   first-step      first-step and new-shape latency against stock Keras
                     {PROG} first-step --families mlp,transformer
+  optimizer-memory  whole-run peaks and step times, Keras' optimizer update against shardimpl's chunked one
+                    {PROG} optimizer-memory --ranks 2 --families mlp,transformer
   init-speed      rank 0's cost of shard-local initialization at N ranks
                     {PROG} init-speed --ranks 1,16,256,1024
   partial-batch   cost of a batch the data axis does not divide (run replicated)

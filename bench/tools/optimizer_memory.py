@@ -1,6 +1,6 @@
 """Keras optimizers on shardimpl: whole-run peak per rank and step time, Keras' own update vs the chunked one.
 
-`python -m bench.optimizer_memory [--families mlp,transformer,llama] [--size-mib 16] [--ranks 1,2,4]
+`python -m bench optimizer-memory [--families mlp,transformer,llama] [--size-mib 16] [--ranks 1,2,4]
 [--optimizers adamw,adam,sgd] [--speed-rounds 20] [--no-peaks] [--json FILE]`
 
 Memory (one world per N): each rank, for every (family, optimizer, arm), builds
@@ -57,7 +57,7 @@ def _sharded(family: str, size: int) -> None:
     import keras
 
     import shardimpl
-    from bench.families import layout_map, model_mesh
+    from bench.harness.families import layout_map, model_mesh
 
     shardimpl.install()
     mesh = model_mesh(family, keras.distribution.list_devices())
@@ -70,7 +70,7 @@ def _compiled(family: str, size: int, optimizer: str):
     """(model, x, y): the family's model compiled with the Keras optimizer, and one batch."""
     import numpy as np
 
-    from bench.families import build_model, sample_batch
+    from bench.harness.families import build_model, sample_batch
 
     model = build_model(family, size)
     model.compile(optimizer=_optimizer(optimizer), loss="mse")
@@ -138,7 +138,7 @@ def _one_speed(family: str, size: int, optimizer: str, rounds: int) -> dict:
 
     from shardimpl.budgets import prefer_mmap
 
-    prefer_mmap(32 * MiB)  # an ordinary process's malloc, as `bench.speed` times
+    prefer_mmap(32 * MiB)  # an ordinary process's malloc, as `bench speed` times
     _sharded(family, size)
     model, x, y = _compiled(family, size, optimizer)
     for _ in range(STEPS):
@@ -174,7 +174,7 @@ def _ok(rows, what: str):
 def main(argv=None) -> int:
     from shardimpl import launch
 
-    p = argparse.ArgumentParser(prog="python -m bench.optimizer_memory", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench optimizer-memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default="mlp,transformer,llama")
     p.add_argument("--size-mib", type=float, default=16.0)
