@@ -27,7 +27,7 @@ __all__ = ["FAMILIES", "HUB", "build_model", "layout_map", "dims_for", "sample_b
 FAMILIES = ("mlp", "transformer", "gemma", "llama")
 HUB = ("gemma", "llama")  # keras-hub backbones (bench.harness.hub_families); need keras-hub installed
 DEPTH = 4  # mlp layers
-SEQ = 128  # tokens per sequence (transformer, keras-hub) unless a step asks for another
+SEQ = 32  # tokens per sequence (transformer, keras-hub) unless a step asks for another (--seq)
 BATCH = 8  # global batch unless a step asks for another
 
 
