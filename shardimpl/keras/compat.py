@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["SUPPORTED_KERAS", "check_keras", "torch_core", "torch_trainer_class", "keras_distribution_lib",
+__all__ = ["SUPPORTED_KERAS", "check_keras", "torch_core", "torch_nn", "torch_trainer_class", "keras_distribution_lib",
            "in_symbolic_scope", "torch_layer_class", "torch_parallel_optimizer_class",
            "torch_parallel_optimizer_classes", "optimizer_slot_lists"]
 
@@ -54,6 +54,20 @@ def torch_core():
         if hasattr(module, "Variable") and hasattr(module, "convert_to_numpy"):
             return module
     raise _moved("torch backend core module", tried)
+
+
+def torch_nn():
+    """Keras' torch backend nn module (``backend/torch/nn.py``, 3.15; ``ops/nn.py``, 3.16), whose
+    ``sparse_categorical_crossentropy`` Keras' losses call."""
+    tried = ("keras.src.backend.torch.nn", "keras.src.backend.torch.ops.nn")
+    for name in tried:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "sparse_categorical_crossentropy"):
+            return module
+    raise _moved("torch backend nn module", tried)
 
 
 def torch_trainer_class():

@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import backend, calls, optimizers, ops, rules, saving, steps, variables
-from shardimpl.keras.compat import (keras_distribution_lib, torch_core, torch_layer_class,
+from shardimpl.keras import backend, calls, losses, optimizers, ops, rules, saving, steps, variables
+from shardimpl.keras.compat import (keras_distribution_lib, torch_core, torch_layer_class, torch_nn,
                                    torch_parallel_optimizer_class, torch_trainer_class)
 
 __all__ = ["Patch", "patch_table", "before_install_table", "apply_before_install", "apply_all", "undo_all",
@@ -157,6 +157,10 @@ def patch_table() -> list[Patch]:
                       "an update of a value split along a dim (a sampler's batch-split prompt) is "
                       "done on its gathered form and laid out again; DTensor has no in-place rule",
                       _one(core), ops.wrap_slice_update))
+    rows.append(Patch("<torch nn>", "sparse_categorical_crossentropy",
+                      "logits split along the vocabulary (a vocabulary-split LM head) give their loss "
+                      "from each rank's block, never gathered whole (vocabulary-parallel cross-entropy)",
+                      _one(torch_nn), losses.wrap_sparse_categorical_crossentropy))
     for name in ("train_step", "test_step"):
         rows.append(Patch("<torch trainer>", name,
                           "batches laid out on the mesh (replicated where the data axis does not divide "

@@ -1,0 +1,125 @@
+"""Cross-entropy over logits split along the vocabulary, without ever making them whole.
+
+A vocabulary-split LM head (``lm_head/kernel`` laid out ``(None, "model")``) leaves the logits
+split along their last dim. DTensor's own ``log_softmax`` needs that dim whole, so it
+all-gathers the logits on every rank: batch x sequence x vocabulary floats, the step's largest
+activation by far (4096 tokens of Llama 3's 128,256-word vocabulary: 2 GiB in float32, and as
+much again for their gradient). `cross_entropy` does what Megatron-LM's vocabulary-parallel
+cross-entropy does, on each rank's block of the logits:
+
+* forward: the row maximum (one all-reduce MAX of batch x sequence floats), the sum of the
+  exponentials (one all-reduce SUM), the target's logit from the rank that holds it (one
+  all-reduce SUM); loss = log(sum) + max - target logit;
+* backward: softmax - one-hot on the local block, from the exponentials kept by the forward; no
+  collective.
+
+Memory per rank: the local block of the exponentials (float32), 1/M of the whole logits'. The
+loss per position comes back replicated along the vocabulary's mesh axis and split like the
+logits along the others (a batch split along "batch" stays split). Torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from shardimpl.layout import local_shard_bounds
+from shardimpl.mesh import mesh_coordinate
+
+__all__ = ["vocab_axis", "cross_entropy"]
+
+
+def vocab_axis(logits) -> int | None:
+    """The mesh axis that splits ``logits`` along its last dim, when the fast path applies:
+    a DTensor split along its last dim on exactly one mesh axis, and elsewhere replicated or
+    split on other dims (never partial). None otherwise (DTensor's own path then)."""
+    if not isinstance(logits, DTensor) or logits.dim() < 2:
+        return None
+    last = logits.dim() - 1
+    found = None
+    for axis, p in enumerate(logits.placements):
+        if isinstance(p, Shard) and p.dim in (last, -1):
+            if found is not None:
+                return None
+            found = axis
+        elif not isinstance(p, (Shard, Replicate)):
+            return None
+    return found
+
+
+class _LocalCrossEntropy(torch.autograd.Function):
+    """Per-position losses from this rank's block of the logits (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, local_logits, target, vocab_start: int, group):
+        x = local_logits.float()
+        row_max = x.amax(dim=-1)
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        x = x - row_max.unsqueeze(-1)
+        local_vocab = local_logits.shape[-1]
+        here = (target >= vocab_start) & (target < vocab_start + local_vocab)
+        index = (target - vocab_start).clamp(0, max(local_vocab - 1, 0)).unsqueeze(-1)
+        shifted = x.gather(-1, index).squeeze(-1) if local_vocab else torch.zeros_like(row_max)
+        target_logit = torch.where(here, shifted, torch.zeros_like(shifted))
+        dist.all_reduce(target_logit, op=dist.ReduceOp.SUM, group=group)
+        exp = x.exp_()  # in place: x is this function's own (shifted) copy
+        total = exp.sum(dim=-1)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        ctx.save_for_backward(exp, total, index, here)
+        ctx.logits_dtype = local_logits.dtype
+        return total.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad):
+        exp, total, index, here = ctx.saved_tensors
+        softmax = exp.div_(total.unsqueeze(-1))  # the forward's buffer: used once
+        if softmax.shape[-1]:
+            softmax.scatter_add_(-1, index, -here.to(softmax.dtype).unsqueeze(-1))
+        return softmax.mul_(grad.unsqueeze(-1)).to(ctx.logits_dtype), None, None, None
+
+
+def cross_entropy(logits: DTensor, target) -> DTensor:
+    """Per-position cross-entropy of ``logits`` (a DTensor split along its last dim, see
+    `vocab_axis`) against integer ``target`` ids (shaped like ``logits`` without its last dim;
+    a tensor, or a DTensor laid out like the logits' other dims).
+
+    Collectives: three all-reduces of one float per position, in the vocabulary axis' group,
+    forward; none backward. Memory: float32 exponentials of the local block, kept for backward.
+    Returns a DTensor replicated along the vocabulary axis.
+    """
+    axis = vocab_axis(logits)
+    if axis is None:
+        raise ValueError("cross_entropy needs logits split along their last dim on one mesh axis. "
+                         f"Received: placements={getattr(logits, 'placements', None)}; use torch's "
+                         "cross_entropy for other layouts.")
+    mesh = logits.device_mesh
+    out_placements = tuple(Replicate() if i == axis else p for i, p in enumerate(logits.placements))
+    local_target = _local_target(target, logits, out_placements)
+    offsets, _ = local_shard_bounds(tuple(logits.shape), tuple(mesh.shape), tuple(logits.placements),
+                                    mesh_coordinate(mesh))
+    group = mesh.get_group(axis)
+    local = _LocalCrossEntropy.apply(logits.to_local(), local_target.long(), int(offsets[-1]), group)
+    return DTensor.from_local(local, mesh, out_placements, run_check=False,
+                              shape=tuple(logits.shape[:-1]), stride=_contiguous_stride(logits.shape[:-1]))
+
+
+def _local_target(target, logits, placements):
+    """This rank's block of ``target``, laid out as the per-position losses (``placements``)."""
+    if isinstance(target, DTensor):
+        return target.redistribute(logits.device_mesh, placements).to_local()
+    target = torch.as_tensor(target, device=logits.to_local().device)
+    mesh = logits.device_mesh
+    offsets, sizes = local_shard_bounds(tuple(target.shape), tuple(mesh.shape), placements, mesh_coordinate(mesh))
+    for dim, (o, s) in enumerate(zip(offsets, sizes)):
+        if s != target.shape[dim]:
+            target = target.narrow(dim, o, s)
+    return target
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, out = 1, []
+    for size in reversed(tuple(shape)):
+        out.append(stride)
+        stride *= int(size)
+    return tuple(reversed(out))
