@@ -43,7 +43,7 @@ def _set_2d(family):
 
     shardimpl.install()
     mesh = model_mesh(family, keras.distribution.list_devices(), MESH)
-    dist = keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, SIZE), batch_dim_name="batch")
+    dist = keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, SIZE, seq=SEQ), batch_dim_name="batch")
     keras.distribution.set_distribution(dist)
     return dist
 

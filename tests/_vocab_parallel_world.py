@@ -85,7 +85,7 @@ def keras_transformer_losses(sharded: bool, initial=None, steps: int = 3):
         shardimpl.install()
         mesh = model_mesh("transformer", keras.distribution.list_devices())
         keras.distribution.set_distribution(keras.distribution.ModelParallel(
-            layout_map=layout_map("transformer", mesh, size, batch=train.batch)))
+            layout_map=layout_map("transformer", mesh, size, batch=train.batch, seq=train.seq)))
     else:
         keras.distribution.set_distribution(None)
     keras.utils.set_random_seed(3)

@@ -103,7 +103,7 @@ def build_model(family: str, param_bytes, *, batch: int = BATCH, seq: int = SEQ,
         return keras.Model(inputs, x, name="mlp")
 
 
-def layout_map(family: str, mesh, param_bytes=None, *, batch: int | None = BATCH):
+def layout_map(family: str, mesh, param_bytes=None, *, batch: int | None = BATCH, seq: int | None = None):
     """A LayoutMap that shards every large variable of ``family`` over ``mesh``.
 
     1-D ("model",) mesh, or a 2-D mesh whose "batch" axis has size 1: every large variable
@@ -111,7 +111,7 @@ def layout_map(family: str, mesh, param_bytes=None, *, batch: int | None = BATCH
     kernels column- then row-split). A ("batch", "model") mesh with "batch" > 1:
     `_layout_map_2d`. ``param_bytes`` (the size knob) lets the map split attention by heads
     where they divide; ``batch`` (the global batch) lets activations be split along "batch"
-    where it divides.
+    where it divides, ``seq`` along "model" (sequence parallelism) where it divides.
     """
     import keras
 
@@ -120,7 +120,7 @@ def layout_map(family: str, mesh, param_bytes=None, *, batch: int | None = BATCH
 
         return hub_layout_map(family, mesh)
     if _batch_ranks(mesh) > 1:
-        return _layout_map_2d(family, mesh, param_bytes, batch=batch)
+        return _layout_map_2d(family, mesh, param_bytes, batch=batch, seq=seq)
     lm = keras.distribution.LayoutMap(mesh)
     if family == "mlp":
         # Column- then row-parallel, alternating (Megatron's pairing): a column-split layer's
@@ -136,7 +136,7 @@ def layout_map(family: str, mesh, param_bytes=None, *, batch: int | None = BATCH
     from bench.harness.transformer import transformer_layout_map
 
     model_ranks = mesh.shape[list(mesh.axis_names).index("model")]
-    return transformer_layout_map(lm, dims_for(family, param_bytes) if param_bytes else None, model_ranks)
+    return transformer_layout_map(lm, dims_for(family, param_bytes) if param_bytes else None, model_ranks, seq=seq)
 
 
 def _batch_ranks(mesh) -> int:
@@ -144,7 +144,7 @@ def _batch_ranks(mesh) -> int:
     return int(mesh.shape[names.index("batch")]) if "batch" in names else 1
 
 
-def _layout_map_2d(family: str, mesh, param_bytes, *, batch: int | None):
+def _layout_map_2d(family: str, mesh, param_bytes, *, batch: int | None, seq: int | None = None):
     """Every large variable over both axes of a ("batch", "model") mesh, B x M ranks.
 
     Each kernel keeps its 1-D tensor-parallel split on "model" and adds "batch":
@@ -184,7 +184,7 @@ def _layout_map_2d(family: str, mesh, param_bytes, *, batch: int | None):
     from bench.harness.transformer import transformer_layout_map_2d
 
     dims = dims_for(family, param_bytes) if param_bytes else None
-    return transformer_layout_map_2d(lm, dims, model_ranks, batch_ranks, gathered_fits, batch=batch)
+    return transformer_layout_map_2d(lm, dims, model_ranks, batch_ranks, gathered_fits, batch=batch, seq=seq)
 
 
 def sample_batch(family: str, param_bytes, seed: int = 0, *, batch: int = BATCH, seq: int = SEQ):

@@ -76,12 +76,13 @@ def width_split_map(family: str, mesh, param_bytes: int | None = None):
     return lm
 
 
-def peer_layout_map(layouts: str, family: str, mesh, param_bytes: int | None = None, *, batch: int | None = None):
+def peer_layout_map(layouts: str, family: str, mesh, param_bytes: int | None = None, *, batch: int | None = None,
+                    seq: int | None = None):
     """The LayoutMap named ``layouts`` (one of `LAYOUTS`) for ``family`` on ``mesh``."""
     if layouts == "family":
         from bench.harness.families import layout_map
 
-        return layout_map(family, mesh, param_bytes, batch=batch)
+        return layout_map(family, mesh, param_bytes, batch=batch, seq=seq)
     if layouts == "width-split":
         return width_split_map(family, mesh, param_bytes)
     raise ValueError(f"layouts must be one of {', '.join(LAYOUTS)}. Received: layouts={layouts!r}.")

@@ -91,7 +91,8 @@ def _distribution(scenario: Scenario):
 
         use_naive_creation()
     mesh = _model_mesh(scenario.device, scenario.family, scenario.mesh)
-    lm = peer_layout_map(scenario.layouts, scenario.family, mesh, scenario.param_bytes, batch=scenario.train.batch)
+    lm = peer_layout_map(scenario.layouts, scenario.family, mesh, scenario.param_bytes, batch=scenario.train.batch,
+                         seq=scenario.train.seq)
     dist_ = keras.distribution.ModelParallel(layout_map=lm)
     keras.distribution.set_distribution(dist_)
     return dist_

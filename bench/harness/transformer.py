@@ -23,7 +23,8 @@ and torchtitan): a block keeps only its input for backward.
 from __future__ import annotations
 
 __all__ = ["transformer_dims", "transformer_param_count", "build_transformer", "block_names",
-           "transformer_layout_map", "transformer_layout_map_2d"]
+           "transformer_layout_map", "transformer_layout_map_2d",
+           "sequence_parallel"]
 
 _VOCAB_8B, _WIDTH_8B = 128256, 4096
 _LAYERS_PER_WIDTH_70B = 80 / 8192
@@ -132,7 +133,7 @@ def _heads_split(dims: dict | None, model_ranks: int) -> bool:
     return bool(dims) and dims["heads"] % model_ranks == 0 and dims["kv_heads"] % model_ranks == 0
 
 
-def transformer_layout_map(lm, dims: dict | None, model_ranks: int):
+def transformer_layout_map(lm, dims: dict | None, model_ranks: int, *, seq: int | None = None):
     """The 1-D ("model",) map, Megatron's tensor parallelism (`docs/layouts-and-speed.md`):
 
     * the embedding split by vocabulary (each rank looks its rows up, one all-reduce), so the
@@ -153,16 +154,27 @@ def transformer_layout_map(lm, dims: dict | None, model_ranks: int):
     lm[r".*mlp_(gate|up)/kernel"] = (None, "model")
     lm[r".*mlp_down/kernel"] = ("model", None)
     lm[r".*lm_head/kernel"] = (None, "model")
-    # Megatron's residual stream: replicated between blocks. The row-split layers (attention
-    # output, mlp_down) return partial sums; summing each once, at the layer's output, keeps
-    # the norms, the residual adds and the next block's inputs unsharded.
-    lm[r".*attn/output"] = (None, None, None)
-    lm[r".*mlp_down/output"] = (None, None, None)
+    # Between the tensor-parallel layers, the residual stream: split along the sequence
+    # (Megatron's sequence parallelism, Korthikanti et al. 2022) where "model" divides it,
+    # whole otherwise. The row-split layers (attention output, mlp_down) return partial sums,
+    # reduced once at the layer's output: reduce-scattered along the sequence, or all-reduced
+    # whole; the norms, the residual adds and what remat keeps then hold 1/M of the stream each
+    # (split), and the next column-split layer all-gathers its input (DTensor's redistribution).
+    stream = (None, "model", None) if sequence_parallel(seq, model_ranks) else (None, None, None)
+    lm[r".*token_embedding/output"] = stream
+    lm[r".*attn/output"] = stream
+    lm[r".*mlp_down/output"] = stream
     return lm
 
 
+def sequence_parallel(seq: int | None, model_ranks: int) -> bool:
+    """Whether the family's maps split the residual stream along the sequence: several model
+    ranks that divide the sequence (DTensor cannot view an unevenly split dim)."""
+    return bool(seq) and model_ranks > 1 and seq % model_ranks == 0
+
+
 def transformer_layout_map_2d(lm, dims: dict | None, model_ranks: int, batch_ranks: int,
-                              gathered_fits, *, batch: int | None):
+                              gathered_fits, *, batch: int | None, seq: int | None = None):
     """The ("batch", "model") map: the 1-D split on "model", plus "batch" on another dim
     (FSDP: gathered along "batch" while the layer runs) where the gathered block fits in a
     rank's share of the model (``gathered_fits(bytes)``), else on the same dim as "model"
@@ -189,7 +201,8 @@ def transformer_layout_map_2d(lm, dims: dict | None, model_ranks: int, batch_ran
     # split along "batch" when the batch divides evenly (DTensor cannot reshape an uneven
     # split). Without these DTensor may drift (tokens split along "model") into layouts where
     # a kernel's gradient comes out whole.
-    act = ("batch", None, None) if batch and batch % batch_ranks == 0 else (None, None, None)
+    rows = "batch" if batch and batch % batch_ranks == 0 else None
+    tokens = "model" if sequence_parallel(seq, model_ranks) else None  # as the 1-D map: along the sequence
     for name in ("token_embedding", r"block\d+_norm\d", r"block\d+_attn", r"block\d+_mlp_down", "final_norm"):
-        lm[rf".*{name}/output"] = act
+        lm[rf".*{name}/output"] = (rows, tokens, None)
     return lm

@@ -72,7 +72,7 @@ def plan_rank(family: str, param_bytes, ranks: int, step: bool = True, mesh=None
     shardimpl.install()
     keras_mesh = model_mesh(family, [f"cpu:{r}" for r in range(ranks)], mesh)
     keras.distribution.set_distribution(keras.distribution.ModelParallel(
-        layout_map=layout_map(family, keras_mesh, param_bytes, batch=train.batch)))
+        layout_map=layout_map(family, keras_mesh, param_bytes, batch=train.batch, seq=train.seq)))
     to_torch_mesh(keras_mesh)  # mesh and seed agreement outside the fake mode (they read real values)
     start = time.perf_counter()
     row = {"step_error": None, "activation_bytes": None, "gathered_block_bytes": 0, "phase_peaks": {},

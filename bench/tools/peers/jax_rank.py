@@ -194,7 +194,7 @@ def measure(family: str, param_bytes: int, ranks: int, device: str, batch_path: 
         build_model(family, max(param_bytes // 64, 1 << 16), **shape)
     names = keras.distribution.list_devices(kind)[:ranks]
     mesh = model_mesh(family, names)
-    lm = layout_map(family, mesh, param_bytes, batch=train.batch)
+    lm = layout_map(family, mesh, param_bytes, batch=train.batch, seq=train.seq)
     keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=lm))
     gc.collect()
     in_use = _allocator_stats(devices, "bytes_in_use")
