@@ -1,6 +1,9 @@
-"""LayoutMaps other than the family's own, for peers that cannot run the family's.
+"""LayoutMaps other than the family's own: for peers that cannot run the family's, and for comparison.
 
 * ``family``: the family's own map (`bench.harness.families.layout_map`).
+* ``whole-stream``: the family's own map with the transformer's residual stream whole between
+  layers (no sequence parallelism): its figures beside the family's show what splitting the
+  sequence saves and costs.
 * ``width-split``: the families' previous 1-D maps, from before the transformer's map split its
   embedding by vocabulary and pinned the row-split layers' outputs replicated (Megatron's
   residual stream). keras-nightly's torch ModelParallel cannot run that map (it mixes a plain
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 __all__ = ["LAYOUTS", "peer_layout_map", "width_split_map"]
 
-LAYOUTS = ("family", "width-split")
+LAYOUTS = ("family", "whole-stream", "width-split")
 
 
 def _model_ranks(mesh) -> int:
@@ -83,6 +86,10 @@ def peer_layout_map(layouts: str, family: str, mesh, param_bytes: int | None = N
         from bench.harness.families import layout_map
 
         return layout_map(family, mesh, param_bytes, batch=batch, seq=seq)
+    if layouts == "whole-stream":  # the family's map with the residual stream whole: no sequence parallelism
+        from bench.harness.families import layout_map
+
+        return layout_map(family, mesh, param_bytes, batch=batch, seq=None)
     if layouts == "width-split":
         return width_split_map(family, mesh, param_bytes)
     raise ValueError(f"layouts must be one of {', '.join(LAYOUTS)}. Received: layouts={layouts!r}.")
