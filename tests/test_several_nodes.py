@@ -59,13 +59,13 @@ def test_launch_run_and_the_harness_take_a_slurm_steps_tasks_as_their_ranks(monk
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_"))]:
         monkeypatch.delenv(key)
-    assert not launch._in_launched_world() and bench_main._launched_world() is None
+    assert not launch.in_launched_world() and bench_main._launched_world() is None
     for key, value in SLURM_STEP.items():
         monkeypatch.setenv(key, value)
-    assert launch._in_launched_world()
+    assert launch.in_launched_world()
     assert bench_main._launched_world().rank == 3
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task: launch.run spawns its own ranks
-    assert not launch._in_launched_world()
+    assert not launch.in_launched_world()
 
 
 def test_the_timeout_is_the_argument_then_the_environment_then_the_default(monkeypatch):
