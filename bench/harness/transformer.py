@@ -164,6 +164,11 @@ def transformer_layout_map(lm, dims: dict | None, model_ranks: int, *, seq: int 
     lm[r".*token_embedding/output"] = stream
     lm[r".*attn/output"] = stream
     lm[r".*mlp_down/output"] = stream
+    if sequence_parallel(seq, model_ranks):
+        # Each norm runs on its 1/M of the tokens; its output, the next column-split layers'
+        # input, is all-gathered there (Megatron's g), so that attention and the MLP run split by
+        # heads and columns on every token (left to DTensor, the heads' scores came out whole).
+        lm[r".*(block\d+_norm\d|final_norm)/output"] = (None, None, None)
     return lm
 
 
@@ -203,6 +208,8 @@ def transformer_layout_map_2d(lm, dims: dict | None, model_ranks: int, batch_ran
     # a kernel's gradient comes out whole.
     rows = "batch" if batch and batch % batch_ranks == 0 else None
     tokens = "model" if sequence_parallel(seq, model_ranks) else None  # as the 1-D map: along the sequence
-    for name in ("token_embedding", r"block\d+_norm\d", r"block\d+_attn", r"block\d+_mlp_down", "final_norm"):
+    for name in ("token_embedding", r"block\d+_attn", r"block\d+_mlp_down"):
         lm[rf".*{name}/output"] = (rows, tokens, None)
+    for name in (r"block\d+_norm\d", "final_norm"):  # the column-split layers' inputs: whole tokens
+        lm[rf".*{name}/output"] = (rows, None, None)
     return lm
