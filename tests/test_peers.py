@@ -233,7 +233,7 @@ def test_width_split_splits_attention_by_heads_where_they_divide_and_refuses_oth
     assert tuple(peer_layouts.width_split_map("mlp", _mesh(2))["dense_1/kernel"].axes) == (None, "model")
     with pytest.raises(ValueError, match="width-split maps exist for the families mlp and transformer"):
         peer_layouts.width_split_map("gemma", _mesh(2))
-    with pytest.raises(ValueError, match="layouts must be one of family, width-split"):
+    with pytest.raises(ValueError, match="layouts must be one of family, whole-stream, width-split"):
         peer_layouts.peer_layout_map("columns", "mlp", _mesh(2))
 
 
