@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import backend, calls, losses, optimizers, ops, rules, saving, steps, variables
+from shardimpl.keras import backend, calls, dense, losses, optimizers, ops, rules, saving, steps, variables
 from shardimpl.keras.compat import (keras_distribution_lib, torch_core, torch_layer_class, torch_nn,
                                    torch_parallel_optimizer_class, torch_trainer_class)
 
@@ -100,6 +100,16 @@ def patch_table() -> list[Patch]:
 
         return Layer
 
+    def dense_layer():
+        from keras.src.layers.core.dense import Dense
+
+        return Dense
+
+    def einsum_dense_layer():
+        from keras.src.layers.core.einsum_dense import EinsumDense
+
+        return EinsumDense
+
     rows = [
         Patch("keras.src.distribution.distribution_lib", "distribution_lib",
               "Keras' distribution API calls its backend module by this name; torch has none",
@@ -153,6 +163,13 @@ def patch_table() -> list[Patch]:
                       "a sharded table (vocabulary-split too) is looked up without torch 2.13's "
                       "_MaskPartial defect; the gradient keeps the table's layout",
                       _one(embedding_layer), calls.wrap_embedding_call))
+    rows.append(Patch("keras.src.layers.core.dense.Dense", "call",
+                      "a sharded kernel's matmul on local blocks with the collectives its layout implies "
+                      "(Megatron's f and g); DTensor's propagation re-laid gradients out in backward",
+                      _one(dense_layer), dense.wrap_dense_call))
+    rows.append(Patch("keras.src.layers.core.einsum_dense.EinsumDense", "call",
+                      "as Dense.call: a sharded kernel's einsum on local blocks",
+                      _one(einsum_dense_layer), dense.wrap_einsum_dense_call))
     rows.append(Patch("<torch core>", "slice_update",
                       "an update of a value split along a dim (a sampler's batch-split prompt) is "
                       "done on its gathered form and laid out again; DTensor has no in-place rule",
