@@ -53,3 +53,45 @@ def local_einsum_matches_whole(mesh_shape):
     finally:
         dist.all_reduce = original
     return out
+
+
+def keras_steps(family, size, sharded, steps, initial=None):
+    """``steps`` train steps of the speed tool's setup (SGD with momentum, MSE against zeros),
+    stock or sharded with the family's 1-D map: the losses, and one step's operator counts."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    import numpy as np
+
+    from bench.harness.families import build_model, layout_map, model_mesh, sample_batch
+    from bench.tools.op_count import count_ops
+
+    if sharded:
+        import shardimpl
+
+        shardimpl.install()
+        mesh = model_mesh(family, keras.distribution.list_devices())
+        keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, size)))
+    keras.utils.set_random_seed(1)
+    model = build_model(family, size)
+    start = model.get_weights()
+    if initial is not None:
+        model.set_weights(initial)
+    model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9), loss="mse")
+    x = sample_batch(family, size).numpy()
+    y = np.zeros(model.compute_output_shape(x.shape), "float32")
+    losses = [float(model.train_on_batch(x, y)) for _ in range(steps)]
+    return {"losses": losses, "initial": start, "ops": count_ops(lambda: model.train_on_batch(x, y))}
+
+
+def reference_ops(family, size):
+    """One step's operator counts of the hand-written tensor-parallel reference."""
+    from bench.harness.families import sample_batch
+    from bench.tools import tp_reference
+    from bench.tools.op_count import count_ops
+
+    model = tp_reference.build_reference(family, size)
+    optimizer = tp_reference.make_optimizer(model)
+    x = sample_batch(family, size)
+    return count_ops(lambda: tp_reference.reference_step(model, optimizer, x))

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import backend, calls, dense, losses, optimizers, ops, rules, saving, steps, variables
+from shardimpl.keras import attention, backend, calls, dense, losses, optimizers, ops, rules, saving, steps, variables
 from shardimpl.keras.compat import (keras_distribution_lib, torch_core, torch_layer_class, torch_nn,
                                    torch_parallel_optimizer_class, torch_trainer_class)
 
@@ -174,6 +174,10 @@ def patch_table() -> list[Patch]:
                       "an update of a value split along a dim (a sampler's batch-split prompt) is "
                       "done on its gathered form and laid out again; DTensor has no in-place rule",
                       _one(core), ops.wrap_slice_update))
+    rows.append(Patch("<torch nn>", "dot_product_attention",
+                      "attention on heads- or batch-split inputs runs on the local blocks (fused kernels "
+                      "included); DTensor decomposed the math kernel into dozens of dispatches",
+                      _one(torch_nn), attention.wrap_dot_product_attention))
     rows.append(Patch("<torch nn>", "sparse_categorical_crossentropy",
                       "logits split along the vocabulary (a vocabulary-split LM head) give their loss "
                       "from each rank's block, never gathered whole (vocabulary-parallel cross-entropy)",
