@@ -6,7 +6,8 @@ Each repeat runs stock Keras in one process, then shardimpl on N ranks (the
 family's LayoutMap), then the hand-written reference on N ranks (plain torch, the same
 layout, explicit all-reduces: `bench.tools.tp_reference`), alternately, so machine load hits
 all alike. In each Keras run
-the model is built and compiled (SGD with momentum, MSE), two warm-up
+the model is built and compiled (SGD with momentum, MSE against zeros; keras-hub's CausalLMs:
+sparse cross-entropy on next-token ids, no reference), two warm-up
 ``train_on_batch`` calls are made, then ``--steps`` timed ones (the median
 is the run's step time), then ``fit`` over ``--fit-batches`` batches (steps/s,
 after one warm-up epoch); the reference does the same with its own step (SGD with momentum,
@@ -58,7 +59,7 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
     import keras
     import numpy as np
 
-    from bench.harness.families import BATCH, build_model, layout_map, model_mesh, sample_batch
+    from bench.harness.families import BATCH, HUB, build_model, layout_map, model_mesh, sample_batch, sample_targets
     from bench.tools.op_count import count_ops
 
     _ordinary_malloc()
@@ -72,11 +73,17 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
         keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=lm, **kwargs))
     keras.utils.set_random_seed(1)
     model = build_model(family, size)
-    model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="mse")
     batch = sample_batch(family, size)
     x = {k: v.numpy() for k, v in batch.items()} if isinstance(batch, dict) else batch.numpy()
-    shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
-    y = np.zeros(shape, "float32")
+    optimizer = keras.optimizers.SGD(1e-4, momentum=0.9)
+    if family in HUB:  # a CausalLM: next-token ids, its own loss (its default metrics need them too)
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      weighted_metrics=[])
+        y = sample_targets(family, size).numpy()
+    else:
+        model.compile(optimizer=optimizer, loss="mse")
+        shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
+        y = np.zeros(shape, "float32")
     for _ in range(2):
         model.train_on_batch(x, y)
     times = _timed(lambda: model.train_on_batch(x, y), steps)
@@ -146,8 +153,13 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
         variants.append(("reference", ranks, None, False))
     if all_column:
         variants.append(("sharded, all-column mlp", ranks, True, True))
-    samples = {f: {label: [] for label, *_ in variants if f == "mlp" or "all-column" not in label}
-               for f in families}
+    from bench.tools.tp_reference import REFERENCE_FAMILIES
+
+    def applies(family, label):  # the all-column map is the mlp's; references exist for some families
+        return ((family == "mlp" or "all-column" not in label)
+                and (label != "reference" or family in REFERENCE_FAMILIES))
+
+    samples = {f: {label: [] for label, *_ in variants if applies(f, label)} for f in families}
     for _ in range(repeats):
         for family in families:
             for label, n, sharded, columns in variants:

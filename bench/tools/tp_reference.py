@@ -33,8 +33,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["ReferenceMLP", "ReferenceTransformer", "build_reference", "reference_step", "load_keras_weights",
+__all__ = ["REFERENCE_FAMILIES", "ReferenceMLP", "ReferenceTransformer", "build_reference", "reference_step", "load_keras_weights",
            "make_optimizer"]
+
+
+REFERENCE_FAMILIES = ("mlp", "transformer")  # the families with a hand-written step (keras-hub's: none)
 
 
 def _world() -> tuple[int, int]:
@@ -183,8 +186,8 @@ def build_reference(family: str, param_bytes: int, *, seed: int = 1):
         return ReferenceMLP(dims["width"], DEPTH, rank, world, seed)
     if family == "transformer":
         return ReferenceTransformer(dims, rank, world, seed)
-    raise ValueError(f"The hand-written reference exists for the mlp and transformer families. Received: "
-                     f"family={family!r}; choose 'mlp' or 'transformer'.")
+    raise ValueError(f"The hand-written reference exists for the families {REFERENCE_FAMILIES}. Received: "
+                     f"family={family!r}; pass --no-reference or choose one of them.")
 
 
 def load_keras_weights(reference: torch.nn.Module, weights: dict) -> None:
