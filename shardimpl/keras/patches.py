@@ -28,8 +28,9 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import attention, backend, calls, dense, losses, optimizers, ops, rules, saving, steps, variables
-from shardimpl.keras.compat import (keras_distribution_lib, torch_core, torch_layer_class, torch_nn,
+from shardimpl.keras import (attention, backend, calls, dense, losses, norms, optimizers, ops, rules, saving, steps,
+                             variables)
+from shardimpl.keras.compat import (keras_distribution_lib, keras_ops_nn, torch_core, torch_layer_class, torch_nn,
                                    torch_parallel_optimizer_class, torch_trainer_class)
 
 __all__ = ["Patch", "patch_table", "before_install_table", "apply_before_install", "apply_all", "undo_all",
@@ -178,6 +179,10 @@ def patch_table() -> list[Patch]:
                       "attention on heads- or batch-split inputs runs on the local blocks (fused kernels "
                       "included); DTensor decomposed the math kernel into dozens of dispatches",
                       _one(torch_nn), attention.wrap_dot_product_attention))
+    rows.append(Patch("keras.src.ops.nn", "_rms_normalization",
+                      "RMS normalization of a row-wise laid out DTensor runs torch's fused rms_norm on the "
+                      "local rows; the composite op decomposed into ~17 DTensor dispatches per norm",
+                      _one(keras_ops_nn), norms.wrap_rms_normalization))
     rows.append(Patch("<torch nn>", "sparse_categorical_crossentropy",
                       "logits split along the vocabulary (a vocabulary-split LM head) give their loss "
                       "from each rank's block, never gathered whole (vocabulary-parallel cross-entropy)",
