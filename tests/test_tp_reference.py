@@ -39,3 +39,20 @@ def test_op_count_counts_aten_ops_and_dtensor_dispatches():
     assert r["plain"]["aten_ops"] >= 1 and r["plain"]["top_aten"][0][0] == "aten::add"
     assert r["dtensor"]["outer_ops"] == 1 and r["dtensor"]["dtensor_dispatches"] == 1
     assert r["dtensor"]["aten_ops"] >= r["plain"]["aten_ops"]  # the local add, under DTensor's dispatch
+
+
+def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_ops(tmp_path, capsys):
+    import json
+
+    from bench.tools import speed
+
+    out = tmp_path / "speed.json"
+    assert speed.main(["--families", "mlp", "--size-mib", "0.25", "--repeats", "1", "--steps", "1",
+                       "--fit-batches", "1", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["mlp"]
+    assert set(runs) == {"stock", "sharded", "reference"}
+    for label, samples in runs.items():
+        assert samples[0]["step_seconds"] > 0 and samples[0]["ops"]["aten_ops"] > 0 and samples[0]["load"] >= 0
+    assert runs["sharded"][0]["ops"]["dtensor_dispatches"] > 0 == runs["reference"][0]["ops"]["dtensor_dispatches"]
+    printed = capsys.readouterr().out
+    assert "vs reference: step" in printed and "ops per step, reference" in printed
