@@ -20,8 +20,11 @@ Shard(the contracted     Shard(the contracted   Partial                  nothing
                                                                          layout or DTensor, once)
 =======================  =====================  =======================  =================================
 
-Any other combination (a Partial operand, two axes on one dim, an ellipsis) returns None and
-the caller runs DTensor's own einsum: the rules above are the only ones taken on trust.
+Before the table, the input is settled: a Partial(sum) input is summed once (one all-reduce,
+shared by the layers reading it), and a whole input of a kernel split along the contracted dim
+is cut to this rank's block (its gradient all-gathered backward). Any other combination (a
+Partial kernel, two axes on one dim, an ellipsis) returns None and the caller runs DTensor's
+own einsum: the rules above are the only ones taken on trust.
 Memory: the local output block only; nothing is gathered.
 """
 
@@ -126,7 +129,8 @@ def local_einsum(equation: str, x, w):
         x = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
     elif x.device_mesh != mesh or x.dtype != w.dtype:
         return None
-    plan = _plan(equation, x, w)
+    x = _settle_input(equation, x, w)
+    plan = _plan(equation, x, w) if x is not None else None
     if plan is None:
         return None
     placements, gx, gw, reduce_axes = plan
@@ -139,6 +143,33 @@ def local_einsum(equation: str, x, w):
              **dict(zip(equation.split("->")[0].split(",")[1], w.shape))}
     shape = torch.Size(sizes[letter] for letter in equation.split("->")[1])
     return DTensor.from_local(y, mesh, placements, run_check=False, shape=shape, stride=_contiguous(shape))
+
+
+def _settle_input(equation: str, x: DTensor, w: DTensor):
+    """``x`` laid out as a row of the table expects, or None: a Partial(sum) input summed once
+    (Megatron's g, kept on the input so that the layers sharing it reduce it once); a whole input
+    of a kernel split along the contracted dim cut to this rank's block (no communication
+    forward; DTensor all-gathers its gradient backward)."""
+    if "->" not in equation or equation.count(",") != 1 or "." in equation:
+        return None
+    (xs, ws), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    if any(p.is_partial() for p in x.placements):
+        if any(p.is_partial() and getattr(p, "reduce_op", None) != "sum" for p in x.placements):
+            return None
+        kept = getattr(x, "_shardimpl_reduced", None)
+        if kept is None:
+            kept = x.redistribute(x.device_mesh, [Replicate() if p.is_partial() else p for p in x.placements])
+            x._shardimpl_reduced = kept
+        x = kept
+    wanted = list(x.placements)
+    for axis, (px, pw) in enumerate(zip(x.placements, w.placements)):
+        if px.is_replicate() and pw.is_shard() and len(ws) == w.ndim and len(xs) == x.ndim:
+            letter = ws[pw.dim]
+            if letter in xs and letter not in out:
+                wanted[axis] = Shard(xs.index(letter))
+    if wanted != list(x.placements):
+        x = x.redistribute(x.device_mesh, wanted)
+    return x
 
 
 def _local_input(x: DTensor, gx, reduce_axes, mesh):

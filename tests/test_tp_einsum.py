@@ -16,7 +16,7 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.parametrize("mesh_shape", [(2,), (2, 1)])
 def test_local_einsum_equals_the_whole_einsum_with_the_layouts_collectives(mesh_shape):
     for r in ok_values(launch.run(_tp_einsum_world.local_einsum_matches_whole, 2, mesh_shape, timeout=120)):
-        for case in ("column", "row", "data", "replicated"):
+        for case in ("column", "row", "data", "replicated", "whole_input_row", "partial_input"):
             assert max(r[case][k] for k in ("y", "gx", "gw")) < 1e-4, (case, r[case])
         assert r["column"]["placements"] == "S(2)" and r["row"]["placements"] == "P(sum)"
         assert r["data"]["placements"] == "S(0)" and r["replicated"]["placements"] == "R"
@@ -24,6 +24,7 @@ def test_local_einsum_equals_the_whole_einsum_with_the_layouts_collectives(mesh_
         # (full_tensor's gathers in the check are all-gathers, not counted).
         assert r["column"]["backward_all_reduces"] == 1
         assert r["row"]["backward_all_reduces"] == 0 and r["replicated"]["backward_all_reduces"] == 0
+        assert r["whole_input_row"]["placements"] == "P(sum)" and r["partial_input"]["placements"] == "S(2)"
         assert r["unsupported"] is None
 
 
