@@ -39,7 +39,7 @@ subcommands ({PROG} SUBCOMMAND --help for each one's options):
                     {PROG} gate
   compare-memory  gate per-rank peaks between two pytest-benchmark JSON files
                     {PROG} compare-memory bench-results/pb/base.json bench-results/pb/new.json
-  speed           train-step time against stock Keras, interleaved rounds
+  speed           train-step time against stock Keras and a hand-written TP step, interleaved
                     {PROG} speed --families mlp,transformer --size-mib 64 --ranks 2
   first-step      first-step and new-shape latency against stock Keras
                     {PROG} first-step --families mlp,transformer

@@ -283,6 +283,11 @@ class _Token:
     global_stride: tuple
 
 
+def is_gathered(t) -> bool:
+    """Whether ``t`` is (a view of) a weight gathered along its data axis while its layer runs."""
+    return bool(_REGISTRY) and isinstance(t, DTensor) and _storage_key(t._local_tensor) in _REGISTRY
+
+
 def _pack_gathered(t):
     if not _REGISTRY or not isinstance(t, DTensor):
         return None

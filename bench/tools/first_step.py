@@ -3,7 +3,8 @@
 `python -m bench first-step [--families mlp,transformer,gemma,llama] [--size-mib 4] [--ranks 2]`
 
 For each family: stock Keras in one process, then shardimpl on N ranks with the
-family's LayoutMap, both compiled with SGD and MSE. Each runs ``train_on_batch``
+family's LayoutMap, both compiled with SGD and MSE (keras-hub's CausalLMs: sparse
+cross-entropy on next-token ids). Each runs ``train_on_batch``
 ``--steps`` times on one batch (the first call builds the optimizer, traces
 and plans; the rest are steady), then once on a batch of another size (the new
 shape pays DTensor's sharding propagation again). Prints first, median steady,
@@ -38,7 +39,7 @@ def measure_steps(family: str, size: int, sharded: bool, steps: int) -> dict:
     import keras
     import numpy as np
 
-    from bench.harness.families import build_model, layout_map, model_mesh
+    from bench.harness.families import HUB, build_model, layout_map, model_mesh, sample_targets
 
     if sharded:
         import shardimpl
@@ -50,10 +51,15 @@ def measure_steps(family: str, size: int, sharded: bool, steps: int) -> dict:
             keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, size), **kwargs))
     keras.utils.set_random_seed(1)
     model = build_model(family, size)
-    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
     x = _batch(family, size, 8)
-    out_shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
-    y = np.zeros(out_shape, "float32")
+    if family in HUB:  # a CausalLM: next-token ids, its own loss (its default metrics need them too)
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), weighted_metrics=[],
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        y = sample_targets(family, size).numpy()[:8]
+    else:
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+        out_shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
+        y = np.zeros(out_shape, "float32")
     times = []
     for _ in range(steps):
         start = time.perf_counter()

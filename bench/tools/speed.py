@@ -1,14 +1,20 @@
-"""Train-step speed of shardimpl against stock Keras, interleaved repeats in one run.
+"""Train-step speed of shardimpl against stock Keras and a hand-written tensor-parallel step.
 
-`python -m bench speed [--families mlp,transformer] [--size-mib 64] [--ranks 2] [--repeats 3]`
+`python -m bench speed [--families mlp,transformer] [--size-mib 64] [--ranks 2] [--repeats 5]`
 
 Each repeat runs stock Keras in one process, then shardimpl on N ranks (the
-family's LayoutMap), alternately, so machine load hits both alike. In each run
-the model is built and compiled (SGD with momentum, MSE), two warm-up
+family's LayoutMap), then the hand-written reference on N ranks (plain torch, the same
+layout, explicit all-reduces: `bench.tools.tp_reference`), alternately, so machine load hits
+all alike. In each Keras run
+the model is built and compiled (SGD with momentum, MSE against zeros; keras-hub's CausalLMs:
+sparse cross-entropy on next-token ids, no reference), two warm-up
 ``train_on_batch`` calls are made, then ``--steps`` timed ones (the median
 is the run's step time), then ``fit`` over ``--fit-batches`` batches (steps/s,
-after one warm-up epoch). Prints min / median over repeats and the
-sharded/stock ratios; ``--json`` writes every sample.
+after one warm-up epoch); the reference does the same with its own step (SGD with momentum,
+MSE against zeros) and a loop over as many batches for "fit". Each run then counts one
+step's operators (`bench.tools.op_count`: ATen ops, collectives, DTensor dispatches). Prints
+min / median over repeats, the ratios of the medians against stock and against the reference,
+the per-round ratios, and the counts; ``--json`` writes every sample.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
     import keras
     import numpy as np
 
-    from bench.harness.families import BATCH, build_model, layout_map, model_mesh, sample_batch
+    from bench.harness.families import BATCH, HUB, build_model, layout_map, model_mesh, sample_batch, sample_targets
+    from bench.tools.op_count import count_ops
 
     _ordinary_malloc()
     if sharded:
@@ -66,18 +73,20 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
         keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=lm, **kwargs))
     keras.utils.set_random_seed(1)
     model = build_model(family, size)
-    model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss="mse")
     batch = sample_batch(family, size)
     x = {k: v.numpy() for k, v in batch.items()} if isinstance(batch, dict) else batch.numpy()
-    shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
-    y = np.zeros(shape, "float32")
+    optimizer = keras.optimizers.SGD(1e-4, momentum=0.9)
+    if family in HUB:  # a CausalLM: next-token ids, its own loss (its default metrics need them too)
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      weighted_metrics=[])
+        y = sample_targets(family, size).numpy()
+    else:
+        model.compile(optimizer=optimizer, loss="mse")
+        shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
+        y = np.zeros(shape, "float32")
     for _ in range(2):
         model.train_on_batch(x, y)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        model.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
+    times = _timed(lambda: model.train_on_batch(x, y), steps)
 
     def tile(a):
         return np.concatenate([a] * fit_batches)
@@ -88,27 +97,89 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
     start = time.perf_counter()
     model.fit(xs, ys, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     fit_seconds = time.perf_counter() - start
-    return {"step_seconds": statistics.median(times), "steps_per_second": fit_batches / fit_seconds}
+    return {"step_seconds": statistics.median(times), "steps_per_second": fit_batches / fit_seconds,
+            "ops": count_ops(lambda: model.train_on_batch(x, y))}
 
 
-def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False) -> dict:
+def _timed(step, steps) -> list:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
+    """The hand-written tensor-parallel step (`bench.tools.tp_reference`) timed as `run_once`
+    times Keras: two warm-up steps, the median of ``steps``, then steps/s over ``fit_batches``
+    batches taken from host arrays as ``fit`` takes them (after one warm-up pass)."""
+    import numpy as np
+    import torch
+
+    from bench.harness.families import sample_batch
+    from bench.tools import tp_reference
+    from bench.tools.op_count import count_ops
+
+    _ordinary_malloc()
+    model = tp_reference.build_reference(family, size)
+    optimizer = tp_reference.make_optimizer(model)
+    x = sample_batch(family, size)
+    for _ in range(2):
+        tp_reference.reference_step(model, optimizer, x)
+    times = _timed(lambda: tp_reference.reference_step(model, optimizer, x), steps)
+    xs = np.concatenate([x.numpy()] * fit_batches)
+    rows = x.shape[0]
+
+    def epoch():
+        for i in range(fit_batches):
+            tp_reference.reference_step(model, optimizer, torch.from_numpy(xs[i * rows:(i + 1) * rows]))
+
+    epoch()
+    start = time.perf_counter()
+    epoch()
+    fit_seconds = time.perf_counter() - start
+    return {"step_seconds": statistics.median(times), "steps_per_second": fit_batches / fit_seconds,
+            "ops": count_ops(lambda: tp_reference.reference_step(model, optimizer, x))}
+
+
+def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False, reference=True) -> dict:
+    """Every variant of every family once per round, rounds repeated: {family: {label: [sample]}};
+    each sample also holds the machine's load average (1 min) when its run started."""
     from shardimpl import launch
 
     variants = [("stock", 1, False, False), ("sharded", ranks, True, False)]
+    if reference:
+        variants.append(("reference", ranks, None, False))
     if all_column:
         variants.append(("sharded, all-column mlp", ranks, True, True))
-    samples = {f: {label: [] for label, *_ in variants if f == "mlp" or "all-column" not in label}
-               for f in families}
+    from bench.tools.tp_reference import REFERENCE_FAMILIES
+
+    def applies(family, label):  # the all-column map is the mlp's; references exist for some families
+        return ((family == "mlp" or "all-column" not in label)
+                and (label != "reference" or family in REFERENCE_FAMILIES))
+
+    samples = {f: {label: [] for label, *_ in variants if applies(f, label)} for f in families}
     for _ in range(repeats):
         for family in families:
             for label, n, sharded, columns in variants:
                 if label not in samples[family]:
                     continue
-                row = launch.run(run_once, n, family, size, sharded, steps, fit_batches, columns, timeout=900)[0]
-                if row.status != "ok":
-                    raise SystemExit(f"{family} {label}: {row.status}: {(row.error or '').strip()[-500:]}")
-                samples[family][label].append(row.value)
+                load = os.getloadavg()[0]
+                if sharded is None:
+                    rows = launch.run(run_reference, n, family, size, steps, fit_batches, timeout=900)
+                else:
+                    rows = launch.run(run_once, n, family, size, sharded, steps, fit_batches, columns, timeout=900)
+                if rows[0].status != "ok":
+                    raise SystemExit(f"{family} {label}: {rows[0].status}: {(rows[0].error or '').strip()[-500:]}")
+                samples[family][label].append({**rows[0].value, "load": load})
     return samples
+
+
+def _ops(sample) -> str:
+    o = sample["ops"]
+    return (f"{o['aten_ops']} ATen ops ({o['outer_ops']} outermost, {o['dtensor_dispatches']} DTensor dispatches), "
+            f"{o['collectives']} collective events")
 
 
 def summary(samples) -> list[str]:
@@ -119,13 +190,22 @@ def summary(samples) -> list[str]:
             return min(values), statistics.median(values)
 
         st, fs = stat("stock", "step_seconds"), stat("stock", "steps_per_second")
+        loads = [r["load"] for rs in runs.values() for r in rs]
         lines.append(f"{family:12} stock{'':20} step ms {st[0] * 1e3:7.1f} / {st[1] * 1e3:7.1f}   "
-                     f"fit steps/s {fs[0]:5.1f} / {fs[1]:5.1f}")
+                     f"fit steps/s {fs[0]:5.1f} / {fs[1]:5.1f}   (load {min(loads):.2f}-{max(loads):.2f})")
+        ref = stat("reference", "step_seconds") if "reference" in runs else None
         for label in [k for k in runs if k != "stock"]:
             sh, fh = stat(label, "step_seconds"), stat(label, "steps_per_second")
-            lines.append(f"{'':12} {label:25} step ms {sh[0] * 1e3:7.1f} / {sh[1] * 1e3:7.1f}   "
-                         f"fit steps/s {fh[0]:5.1f} / {fh[1]:5.1f}   vs stock (medians): step "
-                         f"{sh[1] / st[1]:.2f}x, steps/s {fh[1] / fs[1]:.2f}x")
+            line = (f"{'':12} {label:25} step ms {sh[0] * 1e3:7.1f} / {sh[1] * 1e3:7.1f}   "
+                    f"fit steps/s {fh[0]:5.1f} / {fh[1]:5.1f}   vs stock (medians): step "
+                    f"{sh[1] / st[1]:.2f}x, steps/s {fh[1] / fs[1]:.2f}x")
+            if ref and label != "reference":
+                rounds = [a["step_seconds"] / b["step_seconds"] for a, b in zip(runs[label], runs["reference"])]
+                line += (f"; vs reference: step {sh[1] / ref[1]:.2f}x (per round "
+                         f"{' '.join(f'{r:.2f}' for r in rounds)}, median {statistics.median(rounds):.2f})")
+            lines.append(line)
+        for label in runs:
+            lines.append(f"{'':12}   ops per step, {label}: {_ops(runs[label][-1])}")
     return lines
 
 
@@ -135,17 +215,20 @@ def main(argv=None) -> int:
     p.add_argument("--families", default="mlp,transformer")
     p.add_argument("--size-mib", type=float, default=64.0)
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--fit-batches", type=int, default=16)
     p.add_argument("--all-column", action="store_true",
                    help="also time the mlp with every kernel column-split (the slow layout, for comparison)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="leave the hand-written tensor-parallel step (bench.tools.tp_reference) out")
     p.add_argument("--json")
     args = p.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     samples = measure(families, int(args.size_mib * MiB), args.ranks, args.repeats, args.steps, args.fit_batches,
-                      args.all_column)
-    print(f"min / median over {args.repeats} interleaved repeats, N={args.ranks}, {args.size_mib:g} MiB")
+                      args.all_column, reference=not args.no_reference)
+    print(f"min / median over {args.repeats} interleaved repeats, N={args.ranks}, {args.size_mib:g} MiB, "
+          f"load average (1 min) at the runs' starts in brackets")
     print("\n".join(summary(samples)))
     if args.json:
         with open(args.json, "w") as f:

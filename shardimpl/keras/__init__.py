@@ -12,7 +12,8 @@ Modules: `backend` (Keras' distribution_lib vocabulary for torch),
 `variables` (sharded creation and the per-variable guard), `steps` (trainer
 steps and data), `saving` (conversion, assignment, saving), `rules` (DTensor
 sharding rules), `optimizers` (optimizer updates on local shards, in bounded
-chunks), `patches` (the table), `compat` (private Keras names by version),
+chunks), `dense`, `attention` and `norms` (sharded layers' math on local
+blocks), `patches` (the table), `compat` (private Keras names by version),
 `active` (the installed switch).
 """
 

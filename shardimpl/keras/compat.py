@@ -56,6 +56,14 @@ def torch_core():
     raise _moved("torch backend core module", tried)
 
 
+def keras_ops_nn():
+    """``keras.src.ops.nn``, whose private ``_rms_normalization`` every RMS normalization calls."""
+    module = importlib.import_module("keras.src.ops.nn")
+    if not callable(getattr(module, "_rms_normalization", None)):
+        raise _moved("RMS normalization (keras.src.ops.nn._rms_normalization)", ("keras.src.ops.nn",))
+    return module
+
+
 def torch_nn():
     """Keras' torch backend nn module (``backend/torch/nn.py``, 3.15; ``ops/nn.py``, 3.16), whose
     ``sparse_categorical_crossentropy`` Keras' losses call."""

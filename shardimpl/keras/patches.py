@@ -28,8 +28,9 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import backend, calls, losses, optimizers, ops, rules, saving, steps, variables
-from shardimpl.keras.compat import (keras_distribution_lib, torch_core, torch_layer_class, torch_nn,
+from shardimpl.keras import (attention, backend, calls, dense, losses, norms, optimizers, ops, rules, saving, steps,
+                             variables)
+from shardimpl.keras.compat import (keras_distribution_lib, keras_ops_nn, torch_core, torch_layer_class, torch_nn,
                                    torch_parallel_optimizer_class, torch_trainer_class)
 
 __all__ = ["Patch", "patch_table", "before_install_table", "apply_before_install", "apply_all", "undo_all",
@@ -100,6 +101,16 @@ def patch_table() -> list[Patch]:
 
         return Layer
 
+    def dense_layer():
+        from keras.src.layers.core.dense import Dense
+
+        return Dense
+
+    def einsum_dense_layer():
+        from keras.src.layers.core.einsum_dense import EinsumDense
+
+        return EinsumDense
+
     rows = [
         Patch("keras.src.distribution.distribution_lib", "distribution_lib",
               "Keras' distribution API calls its backend module by this name; torch has none",
@@ -153,10 +164,25 @@ def patch_table() -> list[Patch]:
                       "a sharded table (vocabulary-split too) is looked up without torch 2.13's "
                       "_MaskPartial defect; the gradient keeps the table's layout",
                       _one(embedding_layer), calls.wrap_embedding_call))
+    rows.append(Patch("keras.src.layers.core.dense.Dense", "call",
+                      "a sharded kernel's matmul on local blocks with the collectives its layout implies "
+                      "(Megatron's f and g); DTensor's propagation re-laid gradients out in backward",
+                      _one(dense_layer), dense.wrap_dense_call))
+    rows.append(Patch("keras.src.layers.core.einsum_dense.EinsumDense", "call",
+                      "as Dense.call: a sharded kernel's einsum on local blocks",
+                      _one(einsum_dense_layer), dense.wrap_einsum_dense_call))
     rows.append(Patch("<torch core>", "slice_update",
                       "an update of a value split along a dim (a sampler's batch-split prompt) is "
                       "done on its gathered form and laid out again; DTensor has no in-place rule",
                       _one(core), ops.wrap_slice_update))
+    rows.append(Patch("<torch nn>", "dot_product_attention",
+                      "attention on heads- or batch-split inputs runs on the local blocks (fused kernels "
+                      "included); DTensor decomposed the math kernel into dozens of dispatches",
+                      _one(torch_nn), attention.wrap_dot_product_attention))
+    rows.append(Patch("keras.src.ops.nn", "_rms_normalization",
+                      "RMS normalization of a row-wise laid out DTensor runs torch's fused rms_norm on the "
+                      "local rows; the composite op decomposed into ~17 DTensor dispatches per norm",
+                      _one(keras_ops_nn), norms.wrap_rms_normalization))
     rows.append(Patch("<torch nn>", "sparse_categorical_crossentropy",
                       "logits split along the vocabulary (a vocabulary-split LM head) give their loss "
                       "from each rank's block, never gathered whole (vocabulary-parallel cross-entropy)",

@@ -1,0 +1,202 @@
+"""A sharded layer's einsum run on local tensors, with exactly the collectives its layouts imply.
+
+Left to DTensor, a tensor-parallel layer's matmul costs several dispatches forward and, in
+backward, sharding propagation picks its own layouts for the gradients: on the transformer it
+reduce-scattered residual-stream gradients along the width and gathered them back (11 + 4
+collectives per step that a hand-written step does not issue). `local_einsum` instead runs
+``torch.einsum`` on the local blocks and wraps the result in the DTensor layout that the
+operands' placements imply, per mesh axis (Megatron's rules, Shoeybi et al. 2019):
+
+=======================  =====================  =======================  =================================
+kernel                   input                  output                   backward
+=======================  =====================  =======================  =================================
+Replicate                Replicate              Replicate                nothing
+Replicate                Shard(a batch dim)     Shard(that dim)          kernel gradient Partial (reduced
+                                                                         where the variable's layout says)
+Shard(an output dim)     Replicate              Shard(that output dim)   one all-reduce of the input's
+ (column-parallel)                                                       gradient on that axis (Megatron's f)
+Shard(the contracted     Shard(the contracted   Partial                  nothing (the output's reduction is
+ dim) (row-parallel)      dim)                                           the caller's: the layer's output
+                                                                         layout or DTensor, once)
+=======================  =====================  =======================  =================================
+
+Before the table, the input is settled: a Partial(sum) input is summed once (one all-reduce,
+shared by the layers reading it), and a whole input of a kernel split along the contracted dim
+is cut to this rank's block (its gradient all-gathered backward). Any other combination (a
+Partial kernel, two axes on one dim, an ellipsis) returns None and the caller runs DTensor's
+own einsum: the rules above are the only ones taken on trust.
+Memory: the local output block only; nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from shardimpl.fsdp import is_gathered
+
+__all__ = ["local_einsum", "dense_equation"]
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; backward, the gradient summed over each of ``groups`` (Megatron's f)."""
+
+    @staticmethod
+    def forward(ctx, x, groups):
+        ctx.groups = groups
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        for group in ctx.groups:
+            dist.all_reduce(grad, group=group)
+        return grad, None
+
+
+def dense_equation(ndim: int) -> str | None:
+    """Dense's ``matmul(x, kernel)`` as an einsum: '...k,kn->...n' with named batch dims."""
+    if not 2 <= ndim <= 8:
+        return None
+    batch = "abcdefg"[: ndim - 1]
+    return f"{batch}y,yz->{batch}z"
+
+
+def _plan(equation: str, x: DTensor, w: DTensor):
+    """Output placements, the input's and kernel's gradient placements and the axes whose input
+    gradient is all-reduced; None where the table in the module docstring has no row."""
+    if "." in equation or "->" not in equation:
+        return None
+    inputs, out = equation.split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2:
+        return None
+    xs, ws = parts
+    if len(xs) != x.ndim or len(ws) != w.ndim or len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
+        return None
+    out_placements, gx, gw, reduce_axes, used = [], [], [], [], set()
+    for axis, (px, pw) in enumerate(zip(x.placements, w.placements)):
+        if px.is_partial() or pw.is_partial():
+            return None
+        if pw.is_replicate() and px.is_replicate():
+            out_placements.append(Replicate())
+            gx.append(Replicate())
+            gw.append(Replicate())
+            continue
+        if pw.is_replicate():  # the input split along one of its own dims (data parallel)
+            letter = xs[px.dim]
+            if letter in ws or letter not in out:
+                return None
+            placement = Shard(out.index(letter))
+            gx.append(px)
+            gw.append(Partial())
+        elif px.is_replicate():  # column-parallel: the kernel split along an output dim
+            letter = ws[pw.dim]
+            if letter in xs or letter not in out:
+                return None
+            placement = Shard(out.index(letter))
+            gx.append(Replicate())
+            gw.append(pw)
+            reduce_axes.append(axis)
+        else:  # row-parallel: both split along the contracted dim
+            letter = ws[pw.dim]
+            if xs[px.dim] != letter or letter in out:
+                return None
+            placement = Partial()
+            gx.append(px)
+            gw.append(pw)
+        if isinstance(placement, Shard):
+            if placement.dim in used:
+                return None
+            used.add(placement.dim)
+        out_placements.append(placement)
+    return out_placements, gx, gw, reduce_axes
+
+
+def local_einsum(equation: str, x, w):
+    """``einsum(equation, x, w)`` for a layer whose kernel ``w`` is a DTensor: on the local
+    blocks, as a DTensor laid out as the module docstring's table says. ``x`` may be a plain
+    tensor (replicated). None where the table has no row (the caller then uses DTensor's einsum).
+
+    Collectives: none forward; backward, one all-reduce of the input's gradient per axis on
+    which the kernel is column-split. Allocates the local output block only.
+    """
+    if not isinstance(w, DTensor) or not isinstance(x, torch.Tensor) or is_gathered(w):
+        return None  # a weight gathered for FSDP: DTensor's einsum saves it as a re-gather token
+    mesh = w.device_mesh
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    elif x.device_mesh != mesh or x.dtype != w.dtype:
+        return None
+    x = _settle_input(equation, x, w)
+    plan = _plan(equation, x, w) if x is not None else None
+    if plan is None:
+        return None
+    placements, gx, gw, reduce_axes = plan
+    x_local = _local_input(x, gx, reduce_axes, mesh)
+    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        # Saved as they are: the backward of local ops runs on local tensors (a direct call's
+        # hooks would save them as replicated DTensors, which a local backward cannot take).
+        y = torch.einsum(equation, x_local, w.to_local(grad_placements=gw))
+    sizes = {**dict(zip(equation.split("->")[0].split(",")[0], x.shape)),
+             **dict(zip(equation.split("->")[0].split(",")[1], w.shape))}
+    shape = torch.Size(sizes[letter] for letter in equation.split("->")[1])
+    return DTensor.from_local(y, mesh, placements, run_check=False, shape=shape, stride=_contiguous(shape))
+
+
+def _settle_input(equation: str, x: DTensor, w: DTensor):
+    """``x`` laid out as a row of the table expects, or None: a Partial(sum) input summed once
+    (Megatron's g, kept on the input so that the layers sharing it reduce it once); a whole input
+    of a kernel split along the contracted dim cut to this rank's block (no communication
+    forward; DTensor all-gathers its gradient backward)."""
+    if "->" not in equation or equation.count(",") != 1 or "." in equation:
+        return None
+    (xs, ws), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    if any(p.is_partial() for p in x.placements):
+        if any(p.is_partial() and getattr(p, "reduce_op", None) != "sum" for p in x.placements):
+            return None
+        kept = getattr(x, "_shardimpl_reduced", None)
+        if kept is None:
+            kept = x.redistribute(x.device_mesh, [Replicate() if p.is_partial() else p for p in x.placements])
+            x._shardimpl_reduced = kept
+        x = kept
+    wanted = list(x.placements)
+    for axis, (px, pw) in enumerate(zip(x.placements, w.placements)):
+        if px.is_replicate() and pw.is_shard() and len(ws) == w.ndim and len(xs) == x.ndim:
+            letter = ws[pw.dim]
+            if letter in xs and letter not in out:
+                wanted[axis] = Shard(xs.index(letter))
+    if wanted != list(x.placements):
+        x = x.redistribute(x.device_mesh, wanted)
+    return x
+
+
+def _local_input(x: DTensor, gx, reduce_axes, mesh):
+    """``x``'s local tensor, whose gradient is all-reduced over ``reduce_axes`` in backward.
+
+    Several column-parallel layers that read the same input (attention's query, key and value;
+    the MLP's gate and up) share one local tensor, kept on the input for as long as it lives:
+    autograd sums their gradients into it first, and one all-reduce reduces the sum (as the
+    hand-written step's single f per block), not one per layer."""
+    if not reduce_axes or not x.requires_grad:
+        return x.to_local(grad_placements=gx)
+    key = (tuple(reduce_axes), tuple(gx))
+    kept = getattr(x, "_shardimpl_tp_input", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    x_local = _AllReduceGrad.apply(x.to_local(grad_placements=gx), [mesh.get_group(a) for a in reduce_axes])
+    x._shardimpl_tp_input = (key, x_local)
+    return x_local
+
+
+def _keep(t):
+    return t
+
+
+def _contiguous(shape) -> tuple:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= size
+    return tuple(reversed(stride))

@@ -1,0 +1,103 @@
+"""Rank-side checks of `shardimpl.tp_einsum.local_einsum` against the whole-tensor einsum."""
+
+from __future__ import annotations
+
+
+def local_einsum_matches_whole(mesh_shape):
+    """For each layout row: output, input and kernel gradients against torch on whole tensors,
+    the output's placements, and the all-reduces backward issued."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from shardimpl.tp_einsum import local_einsum
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    rest = [Replicate()] * (mesh.ndim - 1)
+    g = torch.Generator().manual_seed(0)
+    x_full = torch.randn(4, 6, 8, generator=g)
+    w_full = torch.randn(8, 2, 5, generator=g)  # "abc,cde->abde": EinsumDense's query projection
+    eq = "abc,cde->abde"
+    cases = {"column": ([Replicate()], [Shard(1)]), "row": ([Shard(2)], [Shard(0)]),
+             "data": ([Shard(0)], [Replicate()]), "replicated": ([Replicate()], [Replicate()]),
+             "whole_input_row": ([Replicate()], [Shard(0)]), "partial_input": ([Partial()], [Shard(1)]),
+             "unsupported": ([Shard(1)], [Shard(0)])}
+    counted = {"all_reduce": 0}
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        counted["all_reduce"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    out = {}
+    try:
+        for name, (px, pw) in cases.items():
+            if px[0].is_partial():  # each rank holds a term of the sum; its gradient is the whole one
+                leaf = (x_full / mesh.size(0)).requires_grad_()
+                x = DTensor.from_local(leaf, mesh, px + rest, run_check=False)
+            else:
+                leaf = None
+                x = distribute_tensor(x_full, mesh, px + rest).requires_grad_()
+            w = distribute_tensor(w_full, mesh, pw + rest).requires_grad_()
+            counted["all_reduce"] = 0
+            y = local_einsum(eq, x, w)
+            if y is None:
+                out[name] = None
+                continue
+            # Two layers reading the same input (attention's query and key): one all-reduce.
+            y2 = local_einsum(eq, x, w)
+            (y.full_tensor().square().sum() + y2.full_tensor().sum()).backward()
+            xf, wf = x_full.clone().requires_grad_(), w_full.clone().requires_grad_()
+            want = torch.einsum(eq, xf, wf)
+            (want.square().sum() + want.sum()).backward()
+            out[name] = {"y": float((y.full_tensor() - want).detach().abs().max()),
+                         "gx": float(((leaf.grad if leaf is not None else x.grad.full_tensor()) - xf.grad).abs().max()),
+                         "gw": float((w.grad.full_tensor() - wf.grad).abs().max()),
+                         "placements": str(y.placements[0]), "backward_all_reduces": counted["all_reduce"]}
+    finally:
+        dist.all_reduce = original
+    return out
+
+
+def keras_steps(family, size, sharded, steps, initial=None):
+    """``steps`` train steps of the speed tool's setup (SGD with momentum, MSE against zeros),
+    stock or sharded with the family's 1-D map: the losses, and one step's operator counts."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    import numpy as np
+
+    from bench.harness.families import build_model, layout_map, model_mesh, sample_batch
+    from bench.tools.op_count import count_ops
+
+    if sharded:
+        import shardimpl
+
+        shardimpl.install()
+        mesh = model_mesh(family, keras.distribution.list_devices())
+        keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map(family, mesh, size)))
+    keras.utils.set_random_seed(1)
+    model = build_model(family, size)
+    start = model.get_weights()
+    if initial is not None:
+        model.set_weights(initial)
+    model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9), loss="mse")
+    x = sample_batch(family, size).numpy()
+    y = np.zeros(model.compute_output_shape(x.shape), "float32")
+    losses = [float(model.train_on_batch(x, y)) for _ in range(steps)]
+    return {"losses": losses, "initial": start, "ops": count_ops(lambda: model.train_on_batch(x, y))}
+
+
+def reference_ops(family, size):
+    """One step's operator counts of the hand-written tensor-parallel reference."""
+    from bench.harness.families import sample_batch
+    from bench.tools import tp_reference
+    from bench.tools.op_count import count_ops
+
+    model = tp_reference.build_reference(family, size)
+    optimizer = tp_reference.make_optimizer(model)
+    x = sample_batch(family, size)
+    return count_ops(lambda: tp_reference.reference_step(model, optimizer, x))

@@ -1,0 +1,58 @@
+"""The hand-written tensor-parallel reference of `python -m bench speed` computes what stock
+Keras computes: same loss on the same weights, and the same after its updates, so that timing
+shardimpl against it compares equal work."""
+
+from __future__ import annotations
+
+import pytest
+
+import _tp_reference_world
+from _rows import max_rel_diff, ok_values
+from shardimpl import launch
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("family", ["mlp", "transformer"])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_reference_step_equals_stock_keras_on_the_same_weights(family, ranks):
+    rows = ok_values(launch.run(_tp_reference_world.reference_matches_stock_keras, ranks, family, 1 << 20, 3,
+                                timeout=240))
+    for r in rows:
+        assert r["stock"][-1] != r["stock"][0]  # the updates change the loss: they are compared too
+        assert max_rel_diff(r["reference"], r["stock"]) <= 1e-5, r
+
+
+def test_reference_refuses_a_split_the_ranks_do_not_divide():
+    from bench.tools import tp_reference
+
+    with pytest.raises(ValueError, match="evenly over the ranks"):
+        tp_reference.ReferenceMLP(10, 4, 0, 3)
+    dims = {"d_model": 8, "heads": 3, "kv_heads": 1, "head_dim": 2, "ffn": 8, "vocab": 8, "layers": 1}
+    with pytest.raises(ValueError, match="heads=3"):
+        tp_reference.ReferenceTransformer(dims, 0, 2)
+
+
+def test_op_count_counts_aten_ops_and_dtensor_dispatches():
+    r = ok_values(launch.run(_tp_reference_world.dtensor_ops_counted, 1, timeout=120))[0]
+    assert r["plain"]["outer_ops"] == 1 and r["plain"]["dtensor_dispatches"] == 0
+    assert r["plain"]["aten_ops"] >= 1 and r["plain"]["top_aten"][0][0] == "aten::add"
+    assert r["dtensor"]["outer_ops"] == 1 and r["dtensor"]["dtensor_dispatches"] == 1
+    assert r["dtensor"]["aten_ops"] >= r["plain"]["aten_ops"]  # the local add, under DTensor's dispatch
+
+
+def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_ops(tmp_path, capsys):
+    import json
+
+    from bench.tools import speed
+
+    out = tmp_path / "speed.json"
+    assert speed.main(["--families", "mlp", "--size-mib", "0.25", "--repeats", "1", "--steps", "1",
+                       "--fit-batches", "1", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["mlp"]
+    assert set(runs) == {"stock", "sharded", "reference"}
+    for label, samples in runs.items():
+        assert samples[0]["step_seconds"] > 0 and samples[0]["ops"]["aten_ops"] > 0 and samples[0]["load"] >= 0
+    assert runs["sharded"][0]["ops"]["dtensor_dispatches"] > 0 == runs["reference"][0]["ops"]["dtensor_dispatches"]
+    printed = capsys.readouterr().out
+    assert "vs reference: step" in printed and "ops per step, reference" in printed
