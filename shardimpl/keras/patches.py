@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import (attention, backend, calls, dense, losses, norms, optimizers, ops, rules, saving, steps,
-                             variables)
+from shardimpl.keras import (attention, backend, calls, dense, losses, norms, optimizers, ops, remat, rules, saving,
+                             steps, variables)
 from shardimpl.keras.compat import (keras_distribution_lib, keras_ops_nn, torch_core, torch_layer_class, torch_nn,
                                    torch_parallel_optimizer_class, torch_trainer_class)
 
@@ -175,6 +175,10 @@ def patch_table() -> list[Patch]:
                       "an update of a value split along a dim (a sampler's batch-split prompt) is "
                       "done on its gathered form and laid out again; DTensor has no in-place rule",
                       _one(core), ops.wrap_slice_update))
+    rows.append(Patch("<torch core>", "remat",
+                      "keras.RematScope's checkpoints free recomputed tensors at once: torch's early "
+                      "stop left them in a traceback's reference cycle until the garbage collector ran",
+                      _one(core), remat.wrap_remat))
     rows.append(Patch("<torch nn>", "dot_product_attention",
                       "attention on heads- or batch-split inputs runs on the local blocks (fused kernels "
                       "included); DTensor decomposed the math kernel into dozens of dispatches",
