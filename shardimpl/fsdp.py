@@ -41,7 +41,7 @@ from shardimpl.layout import local_shard_bounds
 from shardimpl.mesh import mesh_coordinate, mesh_ranks
 from shardimpl.reshard import reshard_p2p
 
-__all__ = ["gather_for_compute", "regather_hooks", "relayout", "gathered_placements", "GatherStats", "stats",
+__all__ = ["gather_for_compute", "regather_hooks", "local_saves", "relayout", "gathered_placements", "GatherStats", "stats",
            "live_gathered"]
 
 
@@ -327,5 +327,27 @@ def regather_hooks(pack_other=None):
         token = _pack_gathered(t)
         return token if token is not None else other(t)
 
+    pack._shardimpl_regather = True  # what `local_saves` looks for
     with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
         yield
+
+
+@contextlib.contextmanager
+def local_saves():
+    """Ops run on local blocks inside it save their tensors as they are when the active
+    saved-tensor hooks are `regather_hooks`' (whose other-packing would wrap them), and
+    under any other hooks (``torch.utils.checkpoint``'s, i.e. ``keras.RematScope``) leave
+    those hooks in charge, so a rematerialized block keeps only its input.
+
+    Reads torch's private ``_top_saved_tensors_default_hooks`` (torch 2.6-2.13).
+    """
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if top is not None and getattr(top[0], "_shardimpl_regather", False):
+        with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+            yield
+    else:
+        yield
+
+
+def _identity(t):
+    return t

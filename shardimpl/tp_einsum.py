@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from shardimpl.fsdp import is_gathered
+from shardimpl.fsdp import is_gathered, local_saves
 
 __all__ = ["local_einsum", "dense_equation"]
 
@@ -135,9 +135,9 @@ def local_einsum(equation: str, x, w):
         return None
     placements, gx, gw, reduce_axes = plan
     x_local = _local_input(x, gx, reduce_axes, mesh)
-    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-        # Saved as they are: the backward of local ops runs on local tensors (a direct call's
-        # hooks would save them as replicated DTensors, which a local backward cannot take).
+    with local_saves():
+        # Saved as they are under a direct call's hooks (which would save them as replicated
+        # DTensors, which a local backward cannot take); remat's checkpoint hooks stay in charge.
         y = torch.einsum(equation, x_local, w.to_local(grad_placements=gw))
     sizes = {**dict(zip(equation.split("->")[0].split(",")[0], x.shape)),
              **dict(zip(equation.split("->")[0].split(",")[1], w.shape))}
@@ -188,10 +188,6 @@ def _local_input(x: DTensor, gx, reduce_axes, mesh):
     x_local = _AllReduceGrad.apply(x.to_local(grad_placements=gx), [mesh.get_group(a) for a in reduce_axes])
     x._shardimpl_tp_input = (key, x_local)
     return x_local
-
-
-def _keep(t):
-    return t
 
 
 def _contiguous(shape) -> tuple:

@@ -164,3 +164,16 @@ def test_published_presets_have_their_published_sizes():
                 for p in ("llama3-8b", "llama3-70b", "gemma-2b", "gemma-7b")}
     assert round(billions["llama3-8b"], 2) == 8.03 and round(billions["llama3-70b"], 1) == 70.6
     assert round(billions["gemma-2b"], 2) == 2.51 and round(billions["gemma-7b"], 2) == 8.54
+
+
+def test_rematerialized_blocks_keep_only_their_inputs_when_layers_run_on_local_blocks():
+    """keras.RematScope's checkpoint hooks stay in charge of what the local-math paths (Dense,
+    attention, RMS norm on local blocks) save: a rematerialized forward keeps under half of what
+    a plain one keeps (measured 0.41; 0.69 when the local paths saved their tensors themselves)."""
+    kept = {}
+    for remat in ("none", "full"):
+        train = TrainConfig(optimizer="adamw", precision="mixed_bfloat16", remat=remat, seq=256, batch=4)
+        row = plan.plan("transformer", 16 * MiB, [2], train=train)[0]
+        assert row["step_error"] is None, row["step_error"]
+        kept[remat] = row["activation_bytes"]
+    assert kept["full"] < 0.5 * kept["none"], kept

@@ -18,6 +18,7 @@ import functools
 import torch
 from torch.distributed.tensor import DTensor
 
+from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
 
 __all__ = ["wrap_dot_product_attention"]
@@ -38,10 +39,6 @@ def _local_placements(query, key, value):
     return placements
 
 
-def _keep(t):
-    return t
-
-
 def wrap_dot_product_attention(original):
     @functools.wraps(original)
     def dot_product_attention(query, key, value, bias=None, mask=None, scale=None, is_causal=False,
@@ -57,7 +54,7 @@ def wrap_dot_product_attention(original):
         # The kernels torch would pick outside shardimpl (the math kernel stays the fallback);
         # tensors saved for backward stay local (a direct call's hooks would wrap them).
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), \
-                torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                local_saves():
             out = original(query.to_local(), key.to_local(), value.to_local(), bias=None, mask=None, scale=scale,
                            is_causal=is_causal, flash_attention=flash_attention, **kwargs)
         shape = torch.Size((*query.shape[:3], value.shape[3]))

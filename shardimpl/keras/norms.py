@@ -17,13 +17,10 @@ import functools
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
+from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
 
 __all__ = ["wrap_rms_normalization"]
-
-
-def _keep(t):
-    return t
 
 
 def _local_ok(x, scale, axis) -> bool:
@@ -55,7 +52,7 @@ def wrap_rms_normalization(original):
         if isinstance(scale, DTensor):
             # Each rank's rows give a partial sum of the scale's gradient along the axes splitting them.
             scale = scale.to_local(grad_placements=[Partial() if p.is_shard() else Replicate() for p in x.placements])
-        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        with local_saves():
             out = torch.nn.functional.rms_norm(x.to_local(), (x.shape[-1],), scale, epsilon)
         return DTensor.from_local(out, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
 
