@@ -41,8 +41,8 @@ from shardimpl.layout import local_shard_bounds
 from shardimpl.mesh import mesh_coordinate, mesh_ranks
 from shardimpl.reshard import reshard_p2p
 
-__all__ = ["gather_for_compute", "regather_hooks", "local_saves", "relayout", "gathered_placements", "GatherStats", "stats",
-           "live_gathered"]
+__all__ = ["gather_for_compute", "regather_hooks", "local_saves", "relayout", "gathered_placements", "GatherStats",
+           "stats", "live_gathered"]
 
 
 def gathered_placements(placements, axis: int) -> tuple:

@@ -13,8 +13,9 @@ Modules: `backend` (Keras' distribution_lib vocabulary for torch),
 steps and data), `saving` (conversion, assignment, saving), `rules` (DTensor
 sharding rules), `optimizers` (optimizer updates on local shards, in bounded
 chunks), `dense`, `attention` and `norms` (sharded layers' math on local
-blocks), `patches` (the table), `compat` (private Keras names by version),
-`active` (the installed switch).
+blocks), `remat` (keras.RematScope's checkpoints without early stop),
+`patches` (the table), `compat` (private Keras names by version), `active`
+(the installed switch).
 """
 
 from __future__ import annotations
