@@ -11,9 +11,11 @@ never stops the report. Its failures are rows and a line in the verdict, not the
   N devices in one process, in its own virtualenv.
 * ``keras-native`` (`bench.tools.peers.keras_native`): keras-nightly's torch ModelParallel, in
   its own virtualenv, on the family's map or, where that fails there, the previous width-split map.
+* ``fsdp2`` (`bench.tools.peers.fsdp2`): torch's ``fully_shard`` on the families as plain torch
+  modules, built on the meta device and initialized shard by shard, N rank processes here.
 
 ``naive`` is a mode of the harness itself (`bench.harness.naive`), run with stock Keras and
-shardimpl in this environment. A new peer (torch FSDP2, ...) is one module with a ``run`` and
+shardimpl in this environment. A new peer is one module with a ``run`` and
 one `Peer` line here.
 """
 
@@ -23,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from bench.tools.peers import keras_jax, keras_native
+from bench.tools.peers import fsdp2, keras_jax, keras_native
 from bench.tools.peers.rows import failed_rows
 
 __all__ = ["Peer", "PEERS", "run_peers", "peer_names"]
@@ -39,6 +41,8 @@ class Peer:
 PEERS = {p.name: p for p in (
     Peer(keras_jax.NAME, "Keras 3.15.1 on JAX, ModelParallel on N devices of one process", keras_jax.run),
     Peer(keras_native.NAME, "keras-nightly's own torch ModelParallel (builds full, then scatters)", keras_native.run),
+    Peer(fsdp2.NAME, "torch's fully_shard (FSDP2) per block on plain torch modules, meta-device init per shard",
+         fsdp2.run),
 )}
 
 
