@@ -46,7 +46,7 @@ from dataclasses import replace
 
 from bench.tools.peers.rows import failed_rows
 
-__all__ = ["NAME", "LAYOUTS", "run", "measure_rank", "build_sharded", "torch_optimizer", "train_step"]
+__all__ = ["NAME", "LAYOUTS", "run", "measure_rank", "build_sharded", "torch_optimizer", "train_step", "batch_for"]
 
 NAME = "fsdp2"
 LAYOUTS = "fully_shard per block"  # the rows' "layouts": what is sharded, in place of a LayoutMap
@@ -167,7 +167,8 @@ def _time_steps(model, optimizer, data, loss_fn, device) -> dict:
     return {"step_seconds": statistics.median(times), "steps_per_second": TIMED_STEPS / sum(times)}
 
 
-def _data(scenario, device):
+def batch_for(scenario, device):
+    """The harness' (inputs, targets) for ``scenario`` (`bench.harness.training.train_data`) on ``device``."""
     from bench.harness.training import train_data
 
     x, y = train_data(scenario.family, scenario.param_bytes, scenario.train)
@@ -206,7 +207,7 @@ def measure_rank(scenario) -> dict:
         out["model_bytes"] = out["full_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         out["params"] = count_params(model)
         if scenario.step:
-            data = _data(scenario, device)
+            data = batch_for(scenario, device)
             optimizer = torch_optimizer(model.parameters(), train)
             for _ in range(2):  # the first makes the optimizer's state; the second runs beside the gradients
                 out["losses"].append(train_step(model, optimizer, data, loss_fn))
