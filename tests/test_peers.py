@@ -21,7 +21,8 @@ from bench.tools.peers.rows import failed_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_SECONDS = {"unsharded": {1: 0.10, 2: 0.21, 4: 0.40}, "sharded": {1: 0.11, 2: 0.16, 4: 0.20},
-                "keras-jax": {1: 0.05, 2: 0.05, 4: 0.06}, "keras-native": {1: 0.12, 2: 0.30, 4: 0.50}}
+                "keras-jax": {1: 0.05, 2: 0.05, 4: 0.06}, "keras-native": {1: 0.12, 2: 0.30, 4: 0.50},
+                "fsdp2": {1: 0.08, 2: 0.10, 4: 0.16}}
 
 
 def _timed(row):
@@ -75,6 +76,22 @@ def test_the_verdict_states_sharded_over_each_peer_at_the_largest_n_and_the_targ
     assert "keras-native ran the previous width-split map (on the family's map: x2=torch.Tensor" in text
     assert ("keras-jax: build = live arrays at placement, step = XLA memory analysis; its N devices share one "
             "process, which flatters its step time") in text
+
+
+def test_fsdp2_is_in_the_verdict_table_and_plot_as_any_peer_with_its_note():
+    """fsdp2's rows have the harness' shape: the report names it, with its own note, and nothing else."""
+    from bench.tools.peers import fsdp2
+
+    rows = job_rows(families=("mlp",), sizes_mib=(64,), budget_mib=None, extra=_timed)
+    rows += _peer_rows("fsdp2", lambda p, n: p // n, lambda p, n: 5 * p // n, statuses={4: "error"},
+                       layouts=fsdp2.LAYOUTS, peer_note=fsdp2.NOTE)
+    text = report.verdicts(report.summarize(rows))["mlp vs peers"]
+    # N = 4 failed: compared at N = 2, sharded 33 MiB over fsdp2's 32, 0.16 s over 0.10 s.
+    assert text.startswith("sharded at N = 2 (P = 64 MiB): build peak 1.03 x fsdp2; step peak ") and \
+        "step time 1.60 x fsdp2" in text, text
+    assert "fsdp2 failed: error at N = 4 (see the table)" in text
+    assert f"fsdp2: {fsdp2.NOTE}" in text
+    assert "fsdp2" in report.table(rows) and "fsdp2 = torch's fully_shard" in report.definitions(rows)
 
 
 def test_peer_failures_stay_out_of_the_harness_failure_count():

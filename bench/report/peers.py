@@ -11,7 +11,8 @@ Reads the summary (`bench.report.summary.summarize`) of a run that holds peer ro
   peer's at every N, and its step-time scaling within 1.2 x keras-jax's;
 * what makes a peer's figures differ in kind: keras-jax's N devices share one process, and its
   figures are sampled live arrays (build) and XLA's plan (step), not an allocator's peak;
-  keras-native on another map where it could not run the family's; peers that failed, and where.
+  keras-native on another map where it could not run the family's; a peer's own ``peer_note``
+  (fsdp2: another parallelism); peers that failed, and where.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def _notes(free, peers) -> list[str]:
             err = next((s.get("family_map_error") for s in rows if s.get("family_map_error")), None)
             notes.append(f"{PEER_NAMES[peer]} ran the previous width-split map"
                          + (f" (on the family's map: {err})" if err else ""))
+        said = sorted({s["peer_note"] for s in rows if s.get("peer_note")})
+        notes += [f"{PEER_NAMES[peer]}: {note}" for note in said]
         sources = {s.get(f"{ph}_peak_source") for s in rows for ph in ("build", "step")} - {None}
         if peer == "keras-jax" or sources:
             what = []

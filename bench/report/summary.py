@@ -57,8 +57,13 @@ PEER_DEFINITIONS = (
     "arrays on a device above the start, sampled each time Keras places a variable (the allocator's peak on "
     "GPU); its step figure is XLA's memory analysis of the compiled step (arguments + unaliased outputs + "
     "temporaries) less the device's variables, i.e. like the harness' figure the peak above the variables "
-    "held at the step's start: XLA's plan, not a measurement. Step time over its own N = 1: sharded over "
-    "stock Keras (torch), a peer over itself."
+    "held at the step's start: XLA's plan, not a measurement. fsdp2 = torch's fully_shard (FSDP2) on the "
+    "families as plain torch modules, fully_shard per block then the root, built on the meta device and "
+    "initialized per shard, N processes over gloo, measured with the same meters: it keeps 1/N of the "
+    "parameters, gradients and optimizer state and gathers a block's parameters whole while it runs, so every "
+    "rank computes the whole batch through whole blocks (data parallelism), where sharded computes with 1/N of "
+    "each kernel (tensor parallelism): build peaks compare like for like, step peaks and step times do not. "
+    "Step time over its own N = 1: sharded over stock Keras (torch), a peer over itself."
 )
 
 
@@ -149,6 +154,7 @@ def summarize(rows) -> list[dict]:
              "gather_seconds": _worst(r.get("gather_seconds") for r in rs),
              "errors": sorted({r["error"] for r in rs if r.get("error") and r["status"] != "ok"}),
              "layouts": rs[0].get("layouts", "family"), "family_map_error": rs[0].get("family_map_error"),
+             "peer_note": rs[0].get("peer_note"),
              "devices_per_process": max(r.get("devices_per_process") or 1 for r in rs)}
         for ph in ("build", "step"):
             prs = phases[ph]

@@ -50,6 +50,8 @@ __all__ = ["NAME", "LAYOUTS", "run", "measure_rank", "build_sharded", "torch_opt
 
 NAME = "fsdp2"
 LAYOUTS = "fully_shard per block"  # the rows' "layouts": what is sharded, in place of a LayoutMap
+NOTE = ("data parallelism with sharded state (each rank gathers a block's parameters and computes the whole "
+        "batch), not tensor parallelism: its build peak compares like for like, its step peak and step time do not")
 TIMED_STEPS = 3  # as the harness' `_time_steps`
 
 
@@ -221,10 +223,11 @@ def measure_rank(scenario) -> dict:
 
 def rows_for(scenario, launched) -> list[dict]:
     """The harness' rows (`bench.harness.scenarios.rows_for`) of one fsdp2 scenario, one per rank
-    per phase, with ``layouts`` naming what FSDP2 shards instead of a LayoutMap."""
+    per phase, with ``layouts`` naming what FSDP2 shards instead of a LayoutMap and ``peer_note``
+    saying, in the verdict, which of its figures compare with shardimpl's."""
     from bench.harness.scenarios import rows_for as harness_rows
 
-    return [{**r, "layouts": LAYOUTS} for r in harness_rows(scenario, launched)]
+    return [{**r, "layouts": LAYOUTS, "peer_note": NOTE} for r in harness_rows(scenario, launched)]
 
 
 def _unsupported(scenario) -> str | None:
@@ -249,7 +252,7 @@ def _run_scenarios(scenarios, timeout, log) -> list[dict]:
         for i, s in enumerate(scenarios, 1):
             why = _unsupported(s)
             if why:
-                new = failed_rows([s], why, layouts=LAYOUTS)
+                new = failed_rows([s], why, layouts=LAYOUTS, peer_note=NOTE)
             else:
                 if world is None or world.closed or world.nprocs != s.ranks:
                     if world is not None:
