@@ -31,7 +31,7 @@ SUBCOMMANDS = f"""\
 subcommands ({PROG} SUBCOMMAND --help for each one's options):
   run             the main job (the default: `{PROG}` is `{PROG} run`)
                     {PROG} --quick --out /tmp/smoke
-  peers           unsharded, naive, keras-native and sharded in one report
+  peers           stock Keras, naive and sharded beside keras-native, keras-jax and fsdp2
                     {PROG} peers --families mlp --sizes 16,64 --ranks 1,2
   plan            per-rank peaks at scale, predicted with fake tensors (no memory used)
                     {PROG} plan --family transformer --params 70B --ranks 8,64,1024
