@@ -3,8 +3,9 @@
 * ``scaling_vs_ranks.png``: per-rank build peak against N, one panel per (family, model size).
 * ``scaling_vs_size.png``: per-rank build peak against model size, one panel per (family, N).
 * ``peers_vs_ranks.png`` (runs with peers): build peak, step peak and step time against N at the
-  largest size, one row of three panels per family, every mode on each; a hollow marker is a
-  figure that is not an allocator's peak (keras-jax on CPU: sampled live arrays, XLA's plan).
+  largest size, one row of three panels per family, every mode on each, against the rows' own
+  ideal (P/N for the build, the model state S/N for the step); a hollow marker is a figure that
+  is not an allocator's peak (keras-jax on CPU: sampled live arrays, XLA's plan).
 
 Both: axes in MiB on log2 scales with plain-number ticks; each line labelled at its right end
 (mode and last value) instead of a legend; the ideal P/N drawn as a wide grey band under the
@@ -314,9 +315,21 @@ def _save(fig, out_dir, name, budgeted, title, note=None) -> str:
 
 # --- peers: build peak, step peak, step time against N ------------------------------------
 
-_PEER_FIGURES = (("build_peak_bytes", "per-rank build peak (MiB)", "ideal P/N", 1),
-                 ("step_peak_bytes", "per-rank step peak (MiB)", "ideal 2P/N", 2),
-                 ("step_step_seconds", "train step time (s)", None, None))
+_PEER_FIGURES = (("build_peak_bytes", "per-rank build peak (MiB)", "ideal P/N"),
+                 ("step_peak_bytes", "per-rank step peak (MiB)", "ideal S/N"),
+                 ("step_step_seconds", "train step time (s)", None))
+
+
+def _peer_ideal(summary, fam, p, key, ns):
+    """The rows' own ideal share per rank at each N (build: P/N; step: the model state S/N of the
+    run's optimizer and precision), from sharded's scenarios (any mode's where sharded has none)."""
+    phase = key.split("_", 1)[0]
+    at = {}
+    for s in summary:
+        if s["family"] == fam and s["param_bytes"] == p and not s["budget_bytes"] and s.get(f"{phase}_ideal_bytes"):
+            if s["mode"] == "sharded" or s["ranks"] not in at:
+                at[s["ranks"]] = s[f"{phase}_ideal_bytes"] / MiB
+    return [at[n] for n in ns] if all(n in at for n in ns) else None
 
 
 def _peer_points(summary, fam, key):
@@ -397,17 +410,19 @@ def plot_peers(rows, out_dir) -> list[str]:
         return []
     fig, axes = plt.subplots(len(families), 3, figsize=(17, 4.3 * len(families)), squeeze=False)
     for i, fam in enumerate(families):
-        for j, (key, ylabel, ideal_name, factor) in enumerate(_PEER_FIGURES):
+        for j, (key, ylabel, ideal_name) in enumerate(_PEER_FIGURES):
             ax = axes[i][j]
             p, lines = panels[(fam, key)]
             if not lines:
                 ax.set_visible(False)
                 continue
             ns = sorted({n for pts in lines.values() for n, _, _ in pts})
-            ideal = (ns, [factor * p / n / MiB for n in ns], ideal_name) if factor else None
+            values = _peer_ideal(summary, fam, p, key, ns) if ideal_name else None
+            ideal = (ns, values, ideal_name) if values else None
             _peer_panel(ax, lines, ideal, ylabel, key.endswith("seconds"))
             ax.set_title(f"{fam}, P = {p / MiB:.0f} MiB: {ylabel.split(' (')[0]}", fontsize=10)
-    note = ("Filled marker: measured (allocator peak; step time as timed). Hollow marker: not an allocator's "
+    note = ("In the step-peak panels it is the model state S/N (weights + gradients + optimizer slots).  "
+            "Filled marker: measured (allocator peak; step time as timed). Hollow marker: not an allocator's "
             "peak (keras-jax on CPU: build = live JAX arrays sampled at each variable's placement; step = XLA's "
             "memory analysis of the compiled step less the variables). keras-jax's N devices share one process.")
     return [_save(fig, out_dir, "peers_vs_ranks.png", {}, "shardimpl and its peers against N, at the largest "

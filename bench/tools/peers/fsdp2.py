@@ -21,8 +21,8 @@ The step is the harness' step in torch: the optimizer the run asks for
 (`bench.harness.training.make_optimizer`'s Keras optimizer, its hyperparameters read off it:
 AdamW or SGD with momentum), the family's loss on the harness' batch and targets
 (`bench.harness.training.train_data`, the whole global batch on every rank as the harness'
-one-axis mesh has it), gradients kept until the next step starts (Keras' torch trainer zeroes
-them there). ``--precision mixed_bfloat16`` is FSDP2's ``MixedPrecisionPolicy`` (bfloat16
+one-axis mesh has it), gradients kept until the next step's forward has run (Keras' torch
+trainer zeroes them there). ``--precision mixed_bfloat16`` is FSDP2's ``MixedPrecisionPolicy`` (bfloat16
 parameters gathered and computed with, float32 gradients reduced); ``bfloat16`` makes the
 parameters bfloat16; ``--remat full`` checkpoints each transformer block.
 
@@ -46,7 +46,7 @@ from dataclasses import replace
 
 from bench.tools.peers.rows import failed_rows
 
-__all__ = ["NAME", "LAYOUTS", "run", "measure_rank", "build_sharded", "torch_optimizer", "train_step", "batch_for"]
+__all__ = ["NAME", "LAYOUTS", "NOTE", "run", "measure_rank", "build_sharded", "torch_optimizer", "train_step", "batch_for"]
 
 NAME = "fsdp2"
 LAYOUTS = "fully_shard per block"  # the rows' "layouts": what is sharded, in place of a LayoutMap
@@ -119,12 +119,13 @@ def torch_optimizer(params, train):
 
 
 def train_step(model, optimizer, data, loss_fn) -> float:
-    """One step: gradients of the last step dropped (as Keras' torch trainer does at the start of a
-    step), forward, the family's loss, backward (FSDP2 reduce-scatters each unit's gradients),
-    the optimizer's update of this rank's shards. Returns the loss."""
+    """One step as Keras' torch trainer runs it: forward (beside the last step's gradients), then
+    those gradients dropped, the family's loss, backward (FSDP2 reduce-scatters each unit's
+    gradients), the optimizer's update of this rank's shards. Returns the loss."""
     x, y = data
+    out = model(x)
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x).float(), y)
+    loss = loss_fn(out.float(), y)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
