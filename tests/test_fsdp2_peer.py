@@ -33,7 +33,9 @@ def test_the_plain_torch_families_have_the_keras_families_parameters(family, siz
     with torch.device("meta"):
         model = build_torch_model(family, size_mib * MiB)
     assert count_params(model) == families.param_count(family, size_mib * MiB)
-    assert len(model.blocks) == (families.DEPTH if family == "mlp" else families.dims_for(family, size_mib * MiB)["layers"])
+    # fully_shard's units: the mlp's layers; the transformer's embedding, blocks and LM head.
+    units = families.DEPTH if family == "mlp" else families.dims_for(family, size_mib * MiB)["layers"] + 2
+    assert len(model.units()) == units
 
 
 def test_a_family_without_a_plain_torch_module_is_said_so():

@@ -2,7 +2,8 @@
 
 What a torch user reaches for when a model does not fit one device: the family's plain-torch
 module (`bench.tools.peers.torch_families`, the same shapes as the Keras model), built on the
-meta device, ``fully_shard`` on each block then on the root over a 1-D DeviceMesh of the N ranks,
+meta device, ``fully_shard`` on each block (the transformer's embedding and LM head are units of
+their own too) then on the root over a 1-D DeviceMesh of the N ranks,
 then materialized shard by shard (``to_empty`` + ``reset_parameters`` per module, each rank
 initializing only its own shards: the recipe of torch's FSDP2 documentation). The ranks are the
 harness' own (`shardimpl.launch`: N processes over gloo on CPU, one per GPU on CUDA; a rank that
@@ -74,8 +75,9 @@ def _policy(precision: str):
 
 
 def build_sharded(family: str, param_bytes: int, train, device: str, *, seed: int = 0):
-    """The family's plain-torch model, built on the meta device, ``fully_shard`` on each block then
-    the root, materialized on ``device`` (``to_empty``) and initialized shard by shard
+    """The family's plain-torch model, built on the meta device, ``fully_shard`` on each of its
+    units (`bench.tools.peers.torch_families`: each block or layer; the transformer's embedding
+    and LM head too) then the root, materialized on ``device`` (``to_empty``) and initialized shard by shard
     (``reset_parameters`` of every module, on this rank's shards only; seeded per rank)."""
     import torch
     import torch.distributed as dist
@@ -89,8 +91,8 @@ def build_sharded(family: str, param_bytes: int, train, device: str, *, seed: in
             model = model.to(torch.bfloat16)
     mesh, policy = _mesh(device), _policy(train.precision)
     extra = {"mp_policy": policy} if policy is not None else {}
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, **extra)
+    for unit in model.units():
+        fully_shard(unit, mesh=mesh, **extra)
     fully_shard(model, mesh=mesh, **extra)
     model.to_empty(device=device)
     torch.manual_seed(seed + dist.get_rank())  # each rank's shards draw their own numbers
@@ -282,4 +284,5 @@ def run(args, scenarios, *, log=sys.stderr):
 
     ordered = sorted((replace(s, budget_bytes=None) for s in scenarios), key=lambda s: s.ranks)
     rows = _run_scenarios(ordered, args.timeout, log)
-    return rows, {"torch": torch.__version__, "units": "fully_shard on each block, then the root"}
+    return rows, {"torch": torch.__version__,
+                  "units": "fully_shard on each block (transformer: and the embedding, the LM head), then the root"}

@@ -13,9 +13,11 @@ materialized shard by shard:
 `count_params` of a module equals `bench.harness.families.param_count` for the same size knob
 (tests/test_fsdp2_peer.py checks it). The keras-hub families have no plain-torch module here.
 
-Each model lists its ``blocks``: the units the fsdp2 peer hands to ``fully_shard`` one by one
-(the transformer's Llama blocks; the mlp's layers), the rest (embedding, final norm, LM head)
-staying with the root.
+Each model's ``units()`` are the modules the fsdp2 peer hands to ``fully_shard`` one by one before
+the root: the mlp's layers; the transformer's token embedding, each Llama block and the LM head
+(the final norm stays with the root). The embedding and the LM head are units of their own
+because at these sizes they are most of the model (at 64 MiB: 38 of 63 MiB, vocabulary 12528 x
+width 400); left with the root they would be gathered whole for all of forward and backward.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class TorchMLP(nn.Module):
     def __init__(self, width: int, depth: int):
         super().__init__()
         self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def units(self) -> list[nn.Module]:
+        """What ``fully_shard`` wraps one by one before the root: each layer."""
+        return list(self.blocks)
 
     def forward(self, x):
         for i, layer in enumerate(self.blocks):
@@ -86,6 +92,10 @@ class TorchTransformer(nn.Module):
         self.blocks = nn.ModuleList(TorchBlock(dims) for _ in range(dims["layers"]))
         self.final_norm = nn.RMSNorm(dims["d_model"], eps=_EPS)
         self.lm_head = nn.Linear(dims["d_model"], dims["vocab"], bias=False)
+
+    def units(self) -> list[nn.Module]:
+        """What ``fully_shard`` wraps one by one before the root: the embedding, each block, the LM head."""
+        return [self.embedding, *self.blocks, self.lm_head]
 
     def forward(self, ids):
         x = self.embedding(ids.long())
