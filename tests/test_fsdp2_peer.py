@@ -70,7 +70,7 @@ def test_two_ranks_build_half_the_model_each_and_step_as_one_process_does():
     p = families.exact_param_bytes("mlp", measured.param_bytes)
     for v in values:
         m = v["measured"]
-        assert m["full_param_bytes"] == p
+        assert m["model_bytes"] == p
         # Each rank holds and allocated its half: the whole model made on a rank would be 2.0 x P/N.
         assert m["local_bytes"] == p // 2
         assert 0.99 <= m["build_peak_bytes"] / (p / 2) <= 1.10, m["build_peak_bytes"] / (p / 2)

@@ -112,12 +112,12 @@ def torch_optimizer(params, train):
 
     from bench.harness.training import make_optimizer
 
-    config = make_optimizer(train).get_config()
-    lr = float(config["learning_rate"])
+    keras_opt = make_optimizer(train)
+    lr = float(keras_opt.learning_rate.value)  # the float32 value Keras steps with
     if train.optimizer == "sgd":  # Keras: m = mu m - lr g, w += m; torch: b = mu b + g, w -= lr b (equal)
-        return torch.optim.SGD(params, lr=lr, momentum=config["momentum"], nesterov=config["nesterov"])
-    return torch.optim.AdamW(params, lr=lr, betas=(config["beta_1"], config["beta_2"]), eps=config["epsilon"],
-                             weight_decay=config["weight_decay"], amsgrad=config["amsgrad"])
+        return torch.optim.SGD(params, lr=lr, momentum=keras_opt.momentum, nesterov=keras_opt.nesterov)
+    return torch.optim.AdamW(params, lr=lr, betas=(keras_opt.beta_1, keras_opt.beta_2), eps=keras_opt.epsilon,
+                             weight_decay=keras_opt.weight_decay, amsgrad=keras_opt.amsgrad)
 
 
 def train_step(model, optimizer, data, loss_fn) -> float:
@@ -183,45 +183,63 @@ def batch_for(scenario, device):
 def measure_rank(scenario) -> dict:
     """Runs on every rank: the build (metered), the run's peak over build and two steps (metered),
     three more steps (timed). The keys of `bench.harness.scenarios.measure_rank`'s result, plus
-    ``losses`` (the metered and timed steps' losses) and ``full_param_bytes``."""
+    ``losses``: the two metered steps' losses."""
     import torch
+
+    device = "cpu" if scenario.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
+    _warm_up(scenario, device)
+    out, model, optimizer, data = _metered_run(scenario, device)
+    if scenario.step:
+        from bench.tools.peers.torch_families import family_loss
+
+        out.update(_state_bytes(model, optimizer))
+        out.update(_time_steps(model, optimizer, data, family_loss(scenario.family), device))
+    return out
+
+
+def _warm_up(scenario, device) -> None:
+    """First use of FSDP2, gloo and the initializers on a 1/64-size model, under a meter of its own,
+    as the harness' ranks warm up: what the metered build then shows is the model's."""
     import torch.distributed as dist
 
-    from bench.tools.peers.torch_families import count_params, family_loss
     from shardimpl.budgets import warm_thread_pools
     from shardimpl.meters import PeakMeter
 
-    device = "cpu" if scenario.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
-    train, loss_fn = scenario.train, family_loss(scenario.family)
     gc.collect()
     dist.barrier()
     warm_thread_pools()
-    with PeakMeter(device, trace_python=False):  # first use of FSDP2, gloo, the initializers
-        build_sharded(scenario.family, max(scenario.param_bytes // 64, 1 << 16), train, device)
+    with PeakMeter(device, trace_python=False):
+        build_sharded(scenario.family, max(scenario.param_bytes // 64, 1 << 16), scenario.train, device)
     gc.collect()
+
+
+def _metered_run(scenario, device):
+    """(figures, model, optimizer, batch): the build's peak inside the run's, the run being the
+    build and two train steps (the first makes the optimizer's state; the second runs its forward
+    beside the first's gradients)."""
+    from bench.tools.peers.torch_families import family_loss
+    from shardimpl.meters import PeakMeter
+
     out = {"oom": False, "error": None, "gather_seconds": None, "step_peak_bytes": None,
            "step_host_peak_bytes": None, "losses": []}
+    optimizer = data = None
     start = time.perf_counter()
     with PeakMeter(device, trace_python=False) as run:
         with PeakMeter(device, trace_python=False) as meter:
-            model = build_sharded(scenario.family, scenario.param_bytes, train, device)
+            model = build_sharded(scenario.family, scenario.param_bytes, scenario.train, device)
         out["init_seconds"] = time.perf_counter() - start
         out["build_peak_bytes"] = meter.result().device_peak_bytes
         out["build_host_peak_bytes"] = meter.result().host_peak_bytes
         out["local_bytes"] = _local_bytes(model.parameters())
-        out["model_bytes"] = out["full_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-        out["params"] = count_params(model)
+        out["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())  # global shapes
         if scenario.step:
             data = batch_for(scenario, device)
-            optimizer = torch_optimizer(model.parameters(), train)
-            for _ in range(2):  # the first makes the optimizer's state; the second runs beside the gradients
-                out["losses"].append(train_step(model, optimizer, data, loss_fn))
+            optimizer = torch_optimizer(model.parameters(), scenario.train)
+            out["losses"] = [train_step(model, optimizer, data, family_loss(scenario.family)) for _ in range(2)]
     if scenario.step:
         out["step_peak_bytes"] = run.result().device_peak_bytes
         out["step_host_peak_bytes"] = run.result().host_peak_bytes
-        out.update(_state_bytes(model, optimizer))
-        out.update(_time_steps(model, optimizer, data, loss_fn, device))
-    return out
+    return out, model, optimizer, data
 
 
 def rows_for(scenario, launched) -> list[dict]:
