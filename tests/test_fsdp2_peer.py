@@ -1,7 +1,8 @@
 """The fsdp2 peer of `python -m bench peers` (`bench.tools.peers.fsdp2`): its plain-torch families
 have the Keras families' parameters, each rank builds only its shards (build peak near P/N), its
 sharded step computes what a single-process step of the same module computes, and the command
-writes fsdp2 rows and an "x fsdp2" verdict. About 40 s on 2 cores (two rank worlds, one command)."""
+writes fsdp2 rows and an "x fsdp2" verdict; what it cannot run or finish is rows that say so. About
+35 s on 2 cores (two rank worlds, one timed-out start, one command)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,23 @@ def test_bench_peers_fsdp2_writes_fsdp2_rows_and_a_verdict_against_it(tmp_path):
     said = " ".join(done.stdout.split())  # the verdict, unwrapped
     assert "mlp vs peers: sharded at N = 2 (P = 2 MiB): build peak " in said and " x fsdp2" in said
     assert (out / "peers_vs_ranks.png").exists()
+
+
+@pytest.mark.distributed
+def test_a_family_it_cannot_express_and_ranks_past_their_deadline_are_rows_that_say_so():
+    """Nothing raises and nothing hangs: a keras-hub family is error rows naming why, a scenario
+    whose ranks miss --timeout is timeout rows, returned within seconds of it."""
+    import argparse
+    import time
+
+    scenarios = [Scenario("gemma", MiB, 2, "fsdp2"), Scenario("mlp", MiB, 2, "fsdp2")]
+    start = time.monotonic()
+    with open(os.devnull, "w") as quiet:
+        rows, meta = fsdp2.run(argparse.Namespace(timeout=1.0), scenarios, log=quiet)
+    assert time.monotonic() - start < 30
+    by_family = {f: {(r["rank"], r["phase"], r["status"]) for r in rows if r["family"] == f} for f in ("gemma", "mlp")}
+    assert by_family == {f: {(rank, phase, status) for rank in (0, 1) for phase in ("build", "step")}
+                         for f, status in (("gemma", "error"), ("mlp", "timeout"))}
+    gemma = next(r for r in rows if r["family"] == "gemma")
+    assert "keras-hub backbone, with no plain-torch module" in gemma["error"] and gemma["mode"] == "fsdp2"
+    assert meta["torch"]
