@@ -10,7 +10,8 @@ shape, and:
 * the work per rank is proportional to its shard (nothing outside it is drawn),
   and each chunk of the shard is finished while it is in cache, so the shard
   goes through memory once;
-* the host holds at most `SCRATCH_BYTES` (1 MiB) of temporaries besides the shard;
+* the host holds at most `SCRATCH_BYTES` (1 MiB) of temporaries besides the shard, and a
+  shard under 16 MiB 1/16 of its own bytes (256 KiB at least): `scratch_budget`;
 * fans (Glorot/He/Lecun) are computed from the *full* shape, as Keras does.
 
 The generator. With ``k1, k2`` derived from the seed and ``c`` a counter, the
@@ -48,10 +49,19 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from shardimpl.seeds import mix_seed, next_seed
 
-__all__ = ["InitSpec", "spec_from_initializer", "fill_local_shard", "SCRATCH_BYTES"]
+__all__ = ["InitSpec", "spec_from_initializer", "fill_local_shard", "SCRATCH_BYTES", "scratch_budget"]
 
 #: Host temporaries of one `fill_local_shard` call, besides the shard: at most 1 MiB.
 SCRATCH_BYTES = 1 << 20
+#: A small shard's scratch is 1/16 of it, but never under this (fewer, longer chunks: speed).
+MIN_SCRATCH_BYTES = 256 << 10
+
+
+def scratch_budget(shard_bytes: int) -> int:
+    """Host scratch for filling a shard of ``shard_bytes``: 1/16 of the shard, between
+    `MIN_SCRATCH_BYTES` and `SCRATCH_BYTES`. A fixed 1 MiB was 6 % of a 16 MiB rank's share
+    (64 MiB model, N = 4), above FSDP2's build peak of exactly P/N; large shards keep 1 MiB."""
+    return min(SCRATCH_BYTES, max(MIN_SCRATCH_BYTES, shard_bytes // 16))
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # Weyl increment: 2**64 / golden ratio, odd
@@ -281,19 +291,19 @@ def _scratch_bytes(rows_per_chunk: int, n: int, wide: bool, mixed: bool, stage_i
     )
 
 
-def _chunking(rows: _Rows, wide: bool, stage_itemsize: int) -> tuple[int, int, bool]:
-    """(rows per chunk, elements per chunk row, mixed parity) within `SCRATCH_BYTES`."""
+def _chunking(rows: _Rows, wide: bool, stage_itemsize: int, budget: int) -> tuple[int, int, bool]:
+    """(rows per chunk, elements per chunk row, mixed parity) within ``budget`` bytes of scratch."""
     length = rows.length
     mixed = not wide and rows.count > 1 and rows.mixed_parity()
     one = _scratch_bytes(1, length, wide, mixed, stage_itemsize)
-    if one <= SCRATCH_BYTES:
+    if one <= budget:
         per_row = _scratch_bytes(2, length, wide, mixed, stage_itemsize) - one
-        rc = min(rows.count, max(1, (SCRATCH_BYTES - (one - per_row)) // per_row))
+        rc = min(rows.count, max(1, (budget - (one - per_row)) // per_row))
         return rc, length, mixed and rc > 1
     lo, hi = 1, length  # one row at a time, in equal pieces no longer than the largest that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _scratch_bytes(1, mid, wide, False, stage_itemsize) <= SCRATCH_BYTES:
+        if _scratch_bytes(1, mid, wide, False, stage_itemsize) <= budget:
             lo = mid
         else:
             hi = mid - 1
@@ -346,10 +356,11 @@ class _Draw:
         if spec.a != 0.0:
             out.add_(spec.a)
 
-    def fill(self, box: torch.Tensor, rows: _Rows) -> None:
-        """Fill ``box`` (``rows.count`` x ``rows.length``, on any device) with its values."""
+    def fill(self, box: torch.Tensor, rows: _Rows, budget: int) -> None:
+        """Fill ``box`` (``rows.count`` x ``rows.length``, on any device) with its values,
+        within ``budget`` bytes of host scratch."""
         direct = box.device.type == "cpu" and box.dtype == self.gen
-        rc, n, mixed = _chunking(rows, self.wide, 0 if direct else self.gen.itemsize)
+        rc, n, mixed = _chunking(rows, self.wide, 0 if direct else self.gen.itemsize, budget)
         p = _counters(n, self.wide, None)
         # All scratch is allocated here, once: chunks take views of it.
         ramp = torch.arange(p, dtype=torch.int64).mul_(_i64(_GAMMA))
@@ -440,7 +451,7 @@ def fill_local_shard(spec: InitSpec, full_shape, offsets, sizes, *, dtype, devic
 
     Every element is drawn from its global linear index, so the shard equals the
     same slice of the unsharded draw, for every N. Allocates the shard on
-    ``device`` plus at most `SCRATCH_BYTES` on the host (freed on return); the
+    ``device`` plus at most `scratch_budget` (<= `SCRATCH_BYTES`) on the host (freed on return); the
     work is proportional to the shard's elements. No collective.
     """
     local = torch.empty(tuple(sizes), dtype=dtype, device=device)
@@ -453,7 +464,8 @@ def fill_local_shard(spec: InitSpec, full_shape, offsets, sizes, *, dtype, devic
     if local.numel() == 0:
         return local
     draw = _Draw(spec, torch.float64 if dtype == torch.float64 else torch.float32)
+    budget = scratch_budget(local.numel() * local.element_size())
     flat = local.view(-1)
     for rows, at in _boxes_of(full_shape, offsets, sizes):
-        draw.fill(flat[at:at + rows.count * rows.length].view(rows.count, rows.length), rows)
+        draw.fill(flat[at:at + rows.count * rows.length].view(rows.count, rows.length), rows, budget)
     return local
