@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from shardimpl.fsdp import is_gathered, local_saves
+from shardimpl.local_views import from_local, to_local
 
 __all__ = ["local_einsum", "dense_equation"]
 
@@ -126,7 +127,7 @@ def local_einsum(equation: str, x, w):
         return None  # a weight gathered for FSDP: DTensor's einsum saves it as a re-gather token
     mesh = w.device_mesh
     if not isinstance(x, DTensor):
-        x = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        x = from_local(x, mesh, [Replicate()] * mesh.ndim)
     elif x.device_mesh != mesh or x.dtype != w.dtype:
         return None
     x = _settle_input(equation, x, w)
@@ -138,11 +139,11 @@ def local_einsum(equation: str, x, w):
     with local_saves():
         # Saved as they are under a direct call's hooks (which would save them as replicated
         # DTensors, which a local backward cannot take); remat's checkpoint hooks stay in charge.
-        y = torch.einsum(equation, x_local, w.to_local(grad_placements=gw))
+        y = torch.einsum(equation, x_local, to_local(w, gw))
     sizes = {**dict(zip(equation.split("->")[0].split(",")[0], x.shape)),
              **dict(zip(equation.split("->")[0].split(",")[1], w.shape))}
     shape = torch.Size(sizes[letter] for letter in equation.split("->")[1])
-    return DTensor.from_local(y, mesh, placements, run_check=False, shape=shape, stride=_contiguous(shape))
+    return from_local(y, mesh, placements, shape)
 
 
 def _settle_input(equation: str, x: DTensor, w: DTensor):
@@ -180,19 +181,11 @@ def _local_input(x: DTensor, gx, reduce_axes, mesh):
     autograd sums their gradients into it first, and one all-reduce reduces the sum (as the
     hand-written step's single f per block), not one per layer."""
     if not reduce_axes or not x.requires_grad:
-        return x.to_local(grad_placements=gx)
+        return to_local(x, gx)
     key = (tuple(reduce_axes), tuple(gx))
     kept = getattr(x, "_shardimpl_tp_input", None)
     if kept is not None and kept[0] == key:
         return kept[1]
-    x_local = _AllReduceGrad.apply(x.to_local(grad_placements=gx), [mesh.get_group(a) for a in reduce_axes])
+    x_local = _AllReduceGrad.apply(to_local(x, gx), [mesh.get_group(a) for a in reduce_axes])
     x._shardimpl_tp_input = (key, x_local)
     return x_local
-
-
-def _contiguous(shape) -> tuple:
-    stride, acc = [], 1
-    for size in reversed(shape):
-        stride.append(acc)
-        acc *= size
-    return tuple(reversed(stride))

@@ -14,7 +14,8 @@ after one warm-up epoch); the reference does the same with its own step (SGD wit
 MSE against zeros) and a loop over as many batches for "fit". Each run then counts one
 step's operators (`bench.tools.op_count`: ATen ops, collectives, DTensor dispatches). Prints
 min / median over repeats, the ratios of the medians against stock and against the reference,
-the per-round ratios, and the counts; ``--json`` writes every sample.
+the per-round ratios, the counts, and rank 0's process CPU per step (the work, which other
+processes' load moves far less than wall time on a shared machine); ``--json`` writes every sample.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
         y = np.zeros(shape, "float32")
     for _ in range(2):
         model.train_on_batch(x, y)
-    times = _timed(lambda: model.train_on_batch(x, y), steps)
+    times, cpus = _timed(lambda: model.train_on_batch(x, y), steps)
 
     def tile(a):
         return np.concatenate([a] * fit_batches)
@@ -97,17 +98,21 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
     start = time.perf_counter()
     model.fit(xs, ys, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     fit_seconds = time.perf_counter() - start
-    return {"step_seconds": statistics.median(times), "steps_per_second": fit_batches / fit_seconds,
-            "ops": count_ops(lambda: model.train_on_batch(x, y))}
+    return {"step_seconds": statistics.median(times), "step_cpu_seconds": statistics.median(cpus),
+            "steps_per_second": fit_batches / fit_seconds, "ops": count_ops(lambda: model.train_on_batch(x, y))}
 
 
-def _timed(step, steps) -> list:
-    times = []
+def _timed(step, steps) -> tuple[list, list]:
+    """Wall seconds and CPU seconds (this process, all its threads) of each of ``steps`` calls.
+    The CPU figure is the work a step costs, which other processes' load moves far less
+    than its wall time."""
+    times, cpus = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
-    return times
+        cpus.append(time.process_time() - cpu)
+    return times, cpus
 
 
 def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
@@ -127,7 +132,7 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
     x = sample_batch(family, size)
     for _ in range(2):
         tp_reference.reference_step(model, optimizer, x)
-    times = _timed(lambda: tp_reference.reference_step(model, optimizer, x), steps)
+    times, cpus = _timed(lambda: tp_reference.reference_step(model, optimizer, x), steps)
     xs = np.concatenate([x.numpy()] * fit_batches)
     rows = x.shape[0]
 
@@ -139,7 +144,8 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
     start = time.perf_counter()
     epoch()
     fit_seconds = time.perf_counter() - start
-    return {"step_seconds": statistics.median(times), "steps_per_second": fit_batches / fit_seconds,
+    return {"step_seconds": statistics.median(times), "step_cpu_seconds": statistics.median(cpus),
+            "steps_per_second": fit_batches / fit_seconds,
             "ops": count_ops(lambda: tp_reference.reference_step(model, optimizer, x))}
 
 
@@ -182,6 +188,23 @@ def _ops(sample) -> str:
             f"{o['collectives']} collective events")
 
 
+def _cpu_lines(runs) -> list[str]:
+    """Rank 0's process CPU per step (median of its steps; min / median over rounds) and, against
+    the reference, the median over rounds of the per-round CPU ratio. Stock Keras runs 2 threads
+    in one process (its CPU includes both), the ranks 1 thread each."""
+    if not all("step_cpu_seconds" in r for rs in runs.values() for r in rs):
+        return []  # samples from before the CPU figure (an old --json)
+    lines = []
+    for label, rs in runs.items():
+        cpu = [r["step_cpu_seconds"] * 1e3 for r in rs]
+        line = f"{'':12}   CPU ms per step, {label}: {min(cpu):.1f} / {statistics.median(cpu):.1f}"
+        if "reference" in runs and label not in ("reference", "stock"):
+            rounds = [a["step_cpu_seconds"] / b["step_cpu_seconds"] for a, b in zip(rs, runs["reference"])]
+            line += f", vs reference per round {' '.join(f'{r:.2f}' for r in rounds)}, median {statistics.median(rounds):.2f}"
+        lines.append(line)
+    return lines
+
+
 def summary(samples) -> list[str]:
     lines = []
     for family, runs in samples.items():
@@ -204,6 +227,7 @@ def summary(samples) -> list[str]:
                 line += (f"; vs reference: step {sh[1] / ref[1]:.2f}x (per round "
                          f"{' '.join(f'{r:.2f}' for r in rounds)}, median {statistics.median(rounds):.2f})")
             lines.append(line)
+        lines.extend(_cpu_lines(runs))
         for label in runs:
             lines.append(f"{'':12}   ops per step, {label}: {_ops(runs[label][-1])}")
     return lines

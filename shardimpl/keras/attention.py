@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
+from shardimpl.local_views import from_local, to_local
 
 __all__ = ["wrap_dot_product_attention"]
 
@@ -55,10 +56,10 @@ def wrap_dot_product_attention(original):
         # tensors saved for backward stay local (a direct call's hooks would wrap them).
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]), \
                 local_saves():
-            out = original(query.to_local(), key.to_local(), value.to_local(), bias=None, mask=None, scale=scale,
+            out = original(to_local(query), to_local(key), to_local(value), bias=None, mask=None, scale=scale,
                            is_causal=is_causal, flash_attention=flash_attention, **kwargs)
         shape = torch.Size((*query.shape[:3], value.shape[3]))
         stride = (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1)
-        return DTensor.from_local(out, query.device_mesh, placements, run_check=False, shape=shape, stride=stride)
+        return from_local(out, query.device_mesh, placements, shape, stride)
 
     return dot_product_attention

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
+from shardimpl.local_views import from_local, to_local
 
 __all__ = ["wrap_rms_normalization"]
 
@@ -51,9 +52,9 @@ def wrap_rms_normalization(original):
             epsilon = backend.epsilon()
         if isinstance(scale, DTensor):
             # Each rank's rows give a partial sum of the scale's gradient along the axes splitting them.
-            scale = scale.to_local(grad_placements=[Partial() if p.is_shard() else Replicate() for p in x.placements])
+            scale = to_local(scale, [Partial() if p.is_shard() else Replicate() for p in x.placements])
         with local_saves():
-            out = torch.nn.functional.rms_norm(x.to_local(), (x.shape[-1],), scale, epsilon)
-        return DTensor.from_local(out, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
+            out = torch.nn.functional.rms_norm(to_local(x), (x.shape[-1],), scale, epsilon)
+        return from_local(out, x.device_mesh, x.placements, x.shape, x.stride())
 
     return _rms_normalization
