@@ -24,13 +24,14 @@ SUBLAYERS = {"gemma": ("pre_attention_norm", "attention", "query_dense"),
 
 
 def _placements_seen(lm, name):
-    """Where block 0's output, its pre-attention norm's output and its attention's query
-    projection's input live in a backbone call: each DTensor's placements as strings (None for
+    """Where block 1's output, its pre-attention norm's output and its attention's query
+    projection's input live in a backbone call (block 1: block 0's input, the token embedding's
+    output, is whole; see `bench.harness.hub_families._split_the_stream`): each DTensor's placements as strings (None for
     a plain tensor), read by torch hooks (a forward hook sees the output before Keras lays it
     out; the query's input is the norm's output as laid out)."""
     from bench.harness.hub_families import HUB_FAMILIES
 
-    block = lm.backbone.get_layer(HUB_FAMILIES[FAMILY[name]][3].format(0))
+    block = lm.backbone.get_layer(HUB_FAMILIES[FAMILY[name]][3].format(1))
     norm_name, attention_name, query_name = SUBLAYERS[FAMILY[name]]
     norm, attention = getattr(block, norm_name), getattr(block, attention_name)
     query = getattr(attention, query_name)

@@ -96,9 +96,9 @@ def build_hub_model(family: str, size, *, remat: bool = False):
     return getattr(keras_hub.models, lm_cls)(backbone=backbone, preprocessor=None)
 
 
-#: family -> (the token embedding, the row-split layers whose partial sums end a sublayer, the norms
-#: whose outputs feed column-split layers), as regular expressions over layer output paths. The
-#: attention layers' own outputs are not used: under generate() they return (output, cache).
+#: family -> (the row-split layers whose partial sums end a sublayer, the norms whose outputs feed
+#: column-split layers), as regular expressions over layer paths. The attention layers' and the
+#: blocks' own outputs are not used: under generate() they return (output, cache).
 SEQUENCE_PARALLEL_POINTS = {
     "gemma": (r"decoder_block_\d+/(attention/attention_output|ffw_linear)",
               r"decoder_block_\d+/(pre_attention_norm|pre_ffw_norm)|final_normalization"),
@@ -139,15 +139,13 @@ def _split_the_stream(layout_map, family: str, *, batch_split: bool):
 
     The row-split layers (attention output, MLP down) return partial sums: reduce-scattered
     along the sequence at their outputs, so the residual adds inside the block, the norms and
-    what backward keeps hold 1/M of the tokens each. The token embedding's output (a lookup
-    split by vocabulary, also a partial sum) likewise. The norms run on their 1/M of the tokens;
+    what backward keeps hold 1/M of the tokens each. The norms run on their 1/M of the tokens;
     their outputs, the column-split layers' inputs, are all-gathered (attention needs every
     position). The batch dim stays split along "batch" where the mesh has one.
     """
     rows = "batch" if batch_split else None
     row_split, norms = SEQUENCE_PARALLEL_POINTS[family]
     stream, whole = (rows, "model", None), (rows, None, None)
-    layout_map["token_embedding/output"] = stream
     layout_map[rf"({row_split})/output$"] = stream
     layout_map[rf"({norms})/output$"] = whole
 
