@@ -78,7 +78,7 @@ def sharded_checks(name, mesh_shape):
 
     shardimpl.install()
     mesh = keras.distribution.DeviceMesh(mesh_shape, ["batch", "model"], keras.distribution.list_devices())
-    layout_map = hub_layout_map(FAMILY[name], mesh, seq=_hub_world.SEQ)
+    layout_map = hub_layout_map(FAMILY[name], mesh, seq=_hub_world.SEQ, batch=_hub_world.BATCH)
     keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
     lm = _hub_world.build(name)
     out = {"initial": lm.get_weights(), "placements": _placements_seen(lm, name)}

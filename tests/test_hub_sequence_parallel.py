@@ -45,9 +45,10 @@ def test_the_map_splits_the_stream_only_where_the_sequence_divides_over_model(fa
 
     row_output, norm_output, final_norm_output = OUTPUTS[family]
     mesh = _mesh(2, 2)
-    split = hub_layout_map(family, mesh, seq=12)
+    split = hub_layout_map(family, mesh, seq=12, batch=4)
     assert split[row_output].axes == ("batch", "model", None)
     assert split[norm_output].axes == split[final_norm_output].axes == ("batch", None, None)
+    assert hub_layout_map(family, mesh, seq=12, batch=3)[row_output].axes == (None, "model", None)  # 3 rows over 2
     assert split["token_embedding/output"] is None  # the same layer computes the logits (reverse=True)
     assert hub_layout_map(family, _mesh(1, 2), seq=12)[row_output].axes == (None, "model", None)
     for whole in (hub_layout_map(family, mesh), hub_layout_map(family, mesh, seq=13),

@@ -118,7 +118,7 @@ def layout_map(family: str, mesh, param_bytes=None, *, batch: int | None = BATCH
     if family in HUB:
         from bench.harness.hub_families import hub_layout_map
 
-        return hub_layout_map(family, mesh, seq=seq)
+        return hub_layout_map(family, mesh, seq=seq, batch=batch)
     if _batch_ranks(mesh) > 1:
         return _layout_map_2d(family, mesh, param_bytes, batch=batch, seq=seq)
     lm = keras.distribution.LayoutMap(mesh)

@@ -107,9 +107,11 @@ SEQUENCE_PARALLEL_POINTS = {
 }
 
 
-def hub_layout_map(family: str, mesh, *, seq: int | None = None):
+def hub_layout_map(family: str, mesh, *, seq: int | None = None, batch: int | None = None):
     """The backbone's own ``get_layout_map`` on ``mesh`` (which needs a "batch" and a "model" axis),
-    with the residual stream split along the sequence where `sequence_parallel` (``seq``) says so.
+    with the residual stream split along the sequence where `sequence_parallel` (``seq``) says so
+    (`_split_the_stream`); ``batch`` (the global batch) keeps those activations split along
+    "batch" where it divides, as the transformer family's 2-D map does.
 
     keras-hub 0.32's Llama map leaves the untied output embedding
     (``token_embedding/reverse_embeddings``, vocabulary x hidden, 2 GiB in
@@ -124,7 +126,8 @@ def hub_layout_map(family: str, mesh, *, seq: int | None = None):
     from bench.harness.transformer import sequence_parallel
 
     if sequence_parallel(seq, _axis_size(mesh, "model")):
-        _split_the_stream(layout_map, family, batch_split=_axis_size(mesh, "batch") > 1)
+        batch_ranks = _axis_size(mesh, "batch")
+        _split_the_stream(layout_map, family, batch_split=batch_ranks > 1 and bool(batch) and batch % batch_ranks == 0)
     return layout_map
 
 
@@ -141,7 +144,7 @@ def _split_the_stream(layout_map, family: str, *, batch_split: bool):
     along the sequence at their outputs, so the residual adds inside the block, the norms and
     what backward keeps hold 1/M of the tokens each. The norms run on their 1/M of the tokens;
     their outputs, the column-split layers' inputs, are all-gathered (attention needs every
-    position). The batch dim stays split along "batch" where the mesh has one.
+    position). ``batch_split``: the batch dim stays split along "batch" (else whole).
     """
     rows = "batch" if batch_split else None
     row_split, norms = SEQUENCE_PARALLEL_POINTS[family]
