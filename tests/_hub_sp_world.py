@@ -25,10 +25,10 @@ SUBLAYERS = {"gemma": ("pre_attention_norm", "attention", "query_dense"),
 
 def _placements_seen(lm, name):
     """Where block 1's output, its pre-attention norm's output and its attention's query
-    projection's input live in a backbone call (block 1: block 0's input, the token embedding's
-    output, is whole; see `bench.harness.hub_families._split_the_stream`): each DTensor's placements as strings (None for
+    projection's input live in a backbone call: each DTensor's placements as strings (None for
     a plain tensor), read by torch hooks (a forward hook sees the output before Keras lays it
-    out; the query's input is the norm's output as laid out)."""
+    out; the query's input is the norm's output as laid out). Block 1, not 0: block 0's input,
+    the token embedding's output, is whole (`bench.harness.hub_families._split_the_stream`)."""
     from bench.harness.hub_families import HUB_FAMILIES
 
     block = lm.backbone.get_layer(HUB_FAMILIES[FAMILY[name]][3].format(1))

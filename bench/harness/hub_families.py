@@ -2,7 +2,9 @@
 
 Each family builds a keras-hub CausalLM (backbone and LM head) from a config (random weights,
 nothing downloaded) and shards it with the backbone's own ``get_layout_map`` on a
-(1, N) ("batch", "model") mesh. The size knob picks the dimensions of a
+(1, N) ("batch", "model") mesh, with the residual stream split along the sequence
+(sequence parallelism, `hub_layout_map`) where the sequence divides over "model". The size knob
+picks the dimensions of a
 2-layer model of about that many parameter bytes; a preset name
 (``PRESETS``) picks a published architecture's shape instead, for
 ``python -m bench plan``. keras-hub is optional: these families need
