@@ -140,7 +140,8 @@ def _axis_size(mesh, name: str) -> int:
 
 def _split_the_stream(layout_map, family: str, *, batch_split: bool):
     """Megatron's sequence parallelism (Korthikanti et al. 2022) as activation layouts on the
-    blocks' layers, the same cut as the transformer family's map (`bench.harness.transformer`).
+    blocks' layers, the transformer family's cut (`bench.harness.transformer`) but for the token
+    embedding (below).
 
     The row-split layers (attention output, MLP down) return partial sums: reduce-scattered
     along the sequence at their outputs, so the residual adds inside the block, the norms and
