@@ -157,7 +157,8 @@ def make_parser(prog=PROG, description=None):
                         "e.g. --mesh 1d,2x2)")
     p.add_argument("--layouts", choices=LAYOUTS, default="family",
                    help="LayoutMaps on the 1-D mesh: the family's own; whole-stream, the family's with the "
-                        "transformer's residual stream whole (no sequence parallelism); or width-split, the "
+                        "residual stream whole (no sequence parallelism: transformer, gemma, llama); or "
+                        "width-split, the "
                         "families' previous maps (what `peers` runs keras-native on where it fails on the "
                         "family's) (default: family)")
     from bench.harness.training import DEFAULT

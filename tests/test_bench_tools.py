@@ -168,3 +168,14 @@ def test_main_job_writes_results_report_and_both_plots(tmp_path):
     assert "scaling_vs_size.png" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "stock Keras OOMs at every N" in html
+
+
+@pytest.mark.distributed
+def test_sp_losses_compares_both_maps_with_stock_keras(capsys):
+    from bench.tools import sp_losses
+
+    assert sp_losses.main(["--family", "transformer", "--size", "1", "--seq", "16", "--batch", "4",
+                           "--ranks", "2", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    for label, _ in sp_losses.MAPS:
+        assert f"N=2 {label}: sharded [" in out and f"{label}: largest relative loss difference" in out

@@ -109,16 +109,18 @@ def layout_map(family: str, mesh, param_bytes=None, *, batch: int | None = BATCH
     1-D ("model",) mesh, or a 2-D mesh whose "batch" axis has size 1: every large variable
     over "model" (Megatron's tensor parallelism: `bench.harness.transformer`; the mlp's
     kernels column- then row-split). A ("batch", "model") mesh with "batch" > 1:
-    `_layout_map_2d`. ``param_bytes`` (the size knob) lets the map split attention by heads
-    where they divide; ``batch`` (the global batch) lets activations be split along "batch"
-    where it divides, ``seq`` along "model" (sequence parallelism) where it divides.
+    `_layout_map_2d`. keras-hub families: their backbone's own map
+    (`bench.harness.hub_families.hub_layout_map`). ``param_bytes`` (the size knob) lets the
+    map split attention by heads where they divide; ``batch`` (the global batch) lets
+    activations be split along "batch" where it divides, ``seq`` along "model" (sequence
+    parallelism) where it divides.
     """
     import keras
 
     if family in HUB:
         from bench.harness.hub_families import hub_layout_map
 
-        return hub_layout_map(family, mesh)
+        return hub_layout_map(family, mesh, seq=seq, batch=batch)
     if _batch_ranks(mesh) > 1:
         return _layout_map_2d(family, mesh, param_bytes, batch=batch, seq=seq)
     lm = keras.distribution.LayoutMap(mesh)

@@ -2,7 +2,9 @@
 
 Each family builds a keras-hub CausalLM (backbone and LM head) from a config (random weights,
 nothing downloaded) and shards it with the backbone's own ``get_layout_map`` on a
-(1, N) ("batch", "model") mesh. The size knob picks the dimensions of a
+(1, N) ("batch", "model") mesh, with the residual stream split along the sequence
+(sequence parallelism, `hub_layout_map`) where the sequence divides over "model". The size knob
+picks the dimensions of a
 2-layer model of about that many parameter bytes; a preset name
 (``PRESETS``) picks a published architecture's shape instead, for
 ``python -m bench plan``. keras-hub is optional: these families need
@@ -96,8 +98,22 @@ def build_hub_model(family: str, size, *, remat: bool = False):
     return getattr(keras_hub.models, lm_cls)(backbone=backbone, preprocessor=None)
 
 
-def hub_layout_map(family: str, mesh):
-    """The backbone's own ``get_layout_map`` on ``mesh`` (which needs a "batch" and a "model" axis).
+#: family -> (the row-split layers whose partial sums end a sublayer, the norms whose outputs feed
+#: column-split layers), as regular expressions over layer paths. The attention layers' and the
+#: blocks' own outputs are not used: under generate() they return (output, cache).
+SEQUENCE_PARALLEL_POINTS = {
+    "gemma": (r"decoder_block_\d+/(attention/attention_output|ffw_linear)",
+              r"decoder_block_\d+/(pre_attention_norm|pre_ffw_norm)|final_normalization"),
+    "llama": (r"transformer_layer_\d+/(self_attention/attention_output|feedforward_output_dense)",
+              r"transformer_layer_\d+/(self_attention_layernorm|feedforward_layernorm)|sequence_output_layernorm"),
+}
+
+
+def hub_layout_map(family: str, mesh, *, seq: int | None = None, batch: int | None = None):
+    """The backbone's own ``get_layout_map`` on ``mesh`` (which needs a "batch" and a "model" axis),
+    with the residual stream split along the sequence where `sequence_parallel` (``seq``) says so
+    (`_split_the_stream`); ``batch`` (the global batch) keeps those activations split along
+    "batch" where it divides, as the transformer family's 2-D map does.
 
     keras-hub 0.32's Llama map leaves the untied output embedding
     (``token_embedding/reverse_embeddings``, vocabulary x hidden, 2 GiB in
@@ -109,7 +125,35 @@ def hub_layout_map(family: str, mesh):
     layout_map = getattr(keras_hub.models, HUB_FAMILIES[family][0]).get_layout_map(mesh)
     if HUB_FAMILIES[family][1]:
         layout_map["token_embedding/reverse_embeddings"] = ("batch", "model")
+    from bench.harness.transformer import sequence_parallel
+
+    if sequence_parallel(seq, _axis_size(mesh, "model")):
+        batch_ranks = _axis_size(mesh, "batch")
+        _split_the_stream(layout_map, family, batch_split=batch_ranks > 1 and bool(batch) and batch % batch_ranks == 0)
     return layout_map
+
+
+def _axis_size(mesh, name: str) -> int:
+    names = list(mesh.axis_names)
+    return int(mesh.shape[names.index(name)]) if name in names else 1
+
+
+def _split_the_stream(layout_map, family: str, *, batch_split: bool):
+    """Megatron's sequence parallelism (Korthikanti et al. 2022) as activation layouts on the
+    blocks' layers, the transformer family's cut (`bench.harness.transformer`) but for the token
+    embedding (below).
+
+    The row-split layers (attention output, MLP down) return partial sums: reduce-scattered
+    along the sequence at their outputs, so the residual adds inside the block, the norms and
+    what backward keeps hold 1/M of the tokens each. The norms run on their 1/M of the tokens;
+    their outputs, the column-split layers' inputs, are all-gathered (attention needs every
+    position). ``batch_split``: the batch dim stays split along "batch" (else whole).
+    """
+    rows = "batch" if batch_split else None
+    row_split, norms = SEQUENCE_PARALLEL_POINTS[family]
+    stream, whole = (rows, "model", None), (rows, None, None)
+    layout_map[rf"({row_split})/output$"] = stream
+    layout_map[rf"({norms})/output$"] = whole
 
 
 def hub_sample_batch(family: str, size, batch: int, seq: int, seed: int = 0):

@@ -1,9 +1,9 @@
 """LayoutMaps other than the family's own: for peers that cannot run the family's, and for comparison.
 
 * ``family``: the family's own map (`bench.harness.families.layout_map`).
-* ``whole-stream``: the family's own map with the transformer's residual stream whole between
-  layers (no sequence parallelism): its figures beside the family's show what splitting the
-  sequence saves and costs.
+* ``whole-stream``: the family's own map with the residual stream whole between layers (no
+  sequence parallelism; the transformer's and the keras-hub families' maps split it otherwise):
+  its figures beside the family's show what splitting the sequence saves and costs.
 * ``width-split``: the families' previous 1-D maps, from before the transformer's map split its
   embedding by vocabulary and pinned the row-split layers' outputs replicated (Megatron's
   residual stream). keras-nightly's torch ModelParallel cannot run that map (it mixes a plain
