@@ -1,0 +1,72 @@
+"""Rank-side checks of `shardimpl.local_views` against DTensor's own to_local / from_local."""
+
+from __future__ import annotations
+
+
+def _same(a, b) -> bool:
+    """Equal layouts, global shapes, strides and local values."""
+    return (tuple(a.placements) == tuple(b.placements) and a.shape == b.shape and a.stride() == b.stride()
+            and bool((a.to_local() == b.to_local()).all()))
+
+
+def views_match_dtensor():
+    """For to_local (default, given, Partial-forward and transposed-gradient cases) and from_local
+    (same and other gradient layouts): gradients equal DTensor's own, as layouts and values."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from shardimpl import local_views
+
+    mesh = init_device_mesh("cpu", (2,))
+    full = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    out = {}
+
+    def grad_of(fn, placements):
+        x = distribute_tensor(full, mesh, placements).requires_grad_()
+        fn(x).backward()
+        return x.grad
+
+    to_local_cases = {
+        "default": ([Shard(1)], None, lambda t: (t * t).sum()),
+        "given": ([Shard(0)], [Partial()], lambda t: (3 * t).sum()),
+        # the local gradient reaches to_local's backward transposed (not contiguous)
+        "transposed": ([Shard(1)], [Shard(1)], lambda t: (t.t() * torch.arange(24.0).reshape(4, 6)).sum()),
+    }
+    strided = {"calls": 0}
+    own_rule = local_views.compute_global_tensor_info
+
+    def counting(*args):
+        strided["calls"] += 1
+        return own_rule(*args)
+
+    local_views.compute_global_tensor_info = counting
+    for name, (placements, grads, loss) in to_local_cases.items():
+        ours = grad_of(lambda x: loss(local_views.to_local(x, grads)), placements)
+        theirs = grad_of(lambda x: loss(x.to_local(grad_placements=grads)), placements)
+        out[f"to_local/{name}"] = _same(ours, theirs)
+    local_views.compute_global_tensor_info = own_rule
+    out["transposed_gradients_seen"] = strided["calls"]
+
+    local = torch.arange(24, dtype=torch.float32).reshape(6, 4).requires_grad_()
+    for name, (placements, loss) in {"same": ([Shard(1)], lambda d: (d * 2).sum()),
+                                     "other": ([Shard(1)], lambda d: d.redistribute(mesh, [Replicate()]).sum())}.items():
+        grads = []
+        for make in (lambda t: local_views.from_local(t, mesh, placements, (6, 8)),
+                     lambda t: DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size((6, 8)),
+                                                  stride=(8, 1))):
+            leaf = local.detach().clone().requires_grad_()
+            d = make(leaf)
+            loss(d).backward()
+            grads.append(leaf.grad)
+        out[f"from_local/{name}"] = bool(torch.equal(grads[0], grads[1])) and _same(
+            local_views.from_local(local.detach(), mesh, placements, (6, 8)),
+            DTensor.from_local(local.detach(), mesh, placements, run_check=False, shape=torch.Size((6, 8)), stride=(8, 1)))
+    partial = local_views.from_local(local.detach(), mesh, [Partial()], (6, 4))
+    out["partial_forward_sums"] = bool(torch.equal(partial.full_tensor(), local.detach() * 2))
+    try:
+        local_views.from_local(local.detach(), mesh, [Shard(0)])
+        out["missing_shape_error"] = None
+    except ValueError as e:
+        out["missing_shape_error"] = str(e)
+    return out
