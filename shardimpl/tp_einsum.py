@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from shardimpl.fsdp import is_gathered, local_saves
 from shardimpl.local_views import from_local, to_local
 
-__all__ = ["local_einsum", "dense_equation"]
+__all__ = ["local_einsum", "local_einsum_parts", "dense_equation"]
 
 
 class _AllReduceGrad(torch.autograd.Function):
@@ -123,6 +123,16 @@ def local_einsum(equation: str, x, w):
     Collectives: none forward; backward, one all-reduce of the input's gradient per axis on
     which the kernel is column-split. Allocates the local output block only.
     """
+    parts = local_einsum_parts(equation, x, w)
+    if parts is None:
+        return None
+    y, mesh, placements, shape = parts
+    return from_local(y, mesh, placements, shape)
+
+
+def local_einsum_parts(equation: str, x, w):
+    """`local_einsum` before its result is wrapped: (local output, mesh, its placements, its
+    global shape), for a caller that goes on with local math (Dense's bias and activation)."""
     if not isinstance(w, DTensor) or not isinstance(x, torch.Tensor) or is_gathered(w):
         return None  # a weight gathered for FSDP: DTensor's einsum saves it as a re-gather token
     mesh = w.device_mesh
@@ -143,7 +153,7 @@ def local_einsum(equation: str, x, w):
     sizes = {**dict(zip(equation.split("->")[0].split(",")[0], x.shape)),
              **dict(zip(equation.split("->")[0].split(",")[1], w.shape))}
     shape = torch.Size(sizes[letter] for letter in equation.split("->")[1])
-    return from_local(y, mesh, placements, shape)
+    return y, mesh, placements, shape
 
 
 def _settle_input(equation: str, x: DTensor, w: DTensor):

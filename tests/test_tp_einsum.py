@@ -40,3 +40,12 @@ def test_sharded_training_equals_stock_keras_with_the_hand_written_steps_collect
         assert max_rel_diff(r["losses"], stock["losses"]) <= 1e-5, (r["losses"], stock["losses"])
         # The layers' math on local blocks: exactly the all-reduces a hand-written step issues.
         assert r["ops"]["collectives"] == reference["collectives"], (r["ops"], reference)
+
+
+def test_dense_bias_and_activation_run_on_local_blocks():
+    """Column- and row-split Dense with bias and relu: no DTensor dispatch for the adds or the
+    activations (forward or backward), the output as numpy computes it on the whole weights."""
+    for r in ok_values(launch.run(_tp_einsum_world.dense_bias_and_activation_on_local_blocks, 2, timeout=120)):
+        assert r["dispatches"] == [], r["dispatches"]
+        assert r["max_abs"] < 1e-5, r
+        assert r["bias_grads"] == [True, True]

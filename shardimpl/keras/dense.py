@@ -5,7 +5,10 @@ is a DTensor runs its matmul on the local blocks with the collectives the layout
 (`shardimpl.tp_einsum.local_einsum`), then adds its bias and applies its activation as Keras
 does. A row-parallel output (Partial) with a bias is reduced first (one all-reduce; the bias
 is added once); without a bias it stays Partial and is reduced once where it is laid out
-(the layer's output layout) or consumed. Anything the local einsum has no rule for (LoRA,
+(the layer's output layout) or consumed. Where the output is not Partial and the bias's layout
+matches it (split with the output's last dim, or replicated), the bias add and an elementwise
+activation (`ELEMENTWISE`) run on the local block too, and the result is wrapped once: no
+DTensor dispatch forward or backward for them. Anything the local einsum has no rule for (LoRA,
 quantized kernels, other dtypes, other layouts), or a call outside shardimpl's context, runs
 Keras' own ``call``.
 """
@@ -14,10 +17,17 @@ from __future__ import annotations
 
 import functools
 
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
+from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
-from shardimpl.tp_einsum import dense_equation, local_einsum
+from shardimpl.local_views import from_local, to_local
+from shardimpl.tp_einsum import dense_equation, local_einsum_parts
+
+#: Keras activations that act on each element alone: they give the same values on a block.
+ELEMENTWISE = ("linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "sigmoid",
+               "hard_sigmoid", "hard_silu", "hard_swish", "tanh", "softplus", "softsign", "mish", "exponential",
+               "celu")
 
 __all__ = ["wrap_dense_call", "wrap_einsum_dense_call"]
 
@@ -46,17 +56,88 @@ def _finish(layer, x):
     return x
 
 
+@functools.lru_cache(maxsize=None)
+def _elementwise_functions() -> frozenset:
+    from keras import activations
+
+    return frozenset(f for f in (getattr(activations, n, None) for n in ELEMENTWISE) if f is not None)
+
+
+def _bias_grad_placements(bias, placements, ndim):
+    """The bias's gradient placements for a local add to an output laid out as ``placements``,
+    or None where the bias's layout does not match the output's block (or the bias is not one
+    vector along the output's last dim, as EinsumDense's may be)."""
+    if bias.ndim != 1:
+        return None
+    grads = []
+    for p_out, p_b in zip(placements, bias.placements):
+        if p_out.is_shard() and p_out.dim == ndim - 1:
+            if not (p_b.is_shard() and p_b.dim == 0):
+                return None
+            grads.append(p_b)
+        elif p_b.is_replicate():  # rows split (each rank sums its rows' part) or nothing split
+            grads.append(Partial() if p_out.is_shard() else Replicate())
+        else:
+            return None
+    return grads
+
+
+def _finish_local(layer, parts):
+    """Bias and activation on the local block, wrapped once; None where they cannot run there.
+    A Partial output with a bias or an activation is summed first (one all-reduce, as `_finish`)."""
+    from keras import activations
+
+    y, mesh, placements, shape = parts
+    if layer.activation is not None and layer.activation not in _elementwise_functions():
+        return None
+    partial = any(p.is_partial() for p in placements)
+    if partial and layer.bias is None and layer.activation in (None, activations.linear):
+        return from_local(y, mesh, placements, shape)  # stays Partial: reduced once, where laid out
+    summed = tuple(Replicate() if p.is_partial() else p for p in placements)
+    bias = _local_bias(layer, mesh, summed, shape, y.dtype)
+    if bias is False:
+        return None
+    if partial:
+        reduced = from_local(y, mesh, placements, shape).redistribute(mesh, summed)
+        y, placements = to_local(reduced), summed
+    with local_saves():
+        if bias is not None:
+            y = y + bias
+        if layer.activation is not None:
+            y = layer.activation(y)
+    return from_local(y, mesh, placements, shape)
+
+
+def _local_bias(layer, mesh, placements, shape, dtype):
+    """The bias's local block for an output laid out as ``placements`` (its gradient laid out to
+    match), None without a bias, False where the bias's layout does not fit the output's block."""
+    if layer.bias is None:
+        return None
+    from keras.src import ops
+
+    bias = ops.convert_to_tensor(layer.bias)
+    if not (isinstance(bias, DTensor) and bias.device_mesh == mesh and bias.dtype == dtype
+            and tuple(bias.shape) == (shape[-1],)):
+        return False
+    grads = _bias_grad_placements(bias, placements, len(shape))
+    return False if grads is None else to_local(bias, grads)
+
+
 def _wrap(original, equation_of):
     @functools.wraps(original)
     def call(self, inputs, training=None):
         kernel = _kernel(self) if is_within() else None
-        x = None
+        parts = None
         if kernel is not None:
             equation = equation_of(self, inputs)
-            x = local_einsum(equation, inputs, kernel) if equation else None
-        if x is None:
+            parts = local_einsum_parts(equation, inputs, kernel) if equation else None
+        if parts is None:
             return original(self, inputs, training=training)
-        return _finish(self, x)
+        out = _finish_local(self, parts)
+        if out is not None:
+            return out
+        y, mesh, placements, shape = parts
+        return _finish(self, from_local(y, mesh, placements, shape))
 
     return call
 
