@@ -119,12 +119,18 @@ def _time_steps(model, data, device, steps: int = TIMED_STEPS) -> dict:
     (mode "unsharded") runs the same step on the same number of ranks in the same run,
     which makes the two comparable: a speed regression shows next to the memory one.
     """
+    from bench.harness.training import train_step
+
+    return time_steps(lambda: train_step(model, data, device), device, steps)
+
+
+def time_steps(step, device: str, steps: int = TIMED_STEPS) -> dict:
+    """``step()`` timed ``steps`` times back to back after a barrier (device-synchronized on
+    CUDA): the median seconds and steps/s over them. Shared by the harness and the fsdp2 peer."""
     import statistics
 
     import torch
     import torch.distributed as dist
-
-    from bench.harness.training import train_step
 
     def sync():
         if device.startswith("cuda"):
@@ -135,7 +141,7 @@ def _time_steps(model, data, device, steps: int = TIMED_STEPS) -> dict:
     for _ in range(steps):
         sync()
         start = time.perf_counter()
-        train_step(model, data, device)
+        step()
         sync()
         times.append(time.perf_counter() - start)
     return {"step_seconds": statistics.median(times), "steps_per_second": steps / sum(times)}

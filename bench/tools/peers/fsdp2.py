@@ -39,7 +39,6 @@ split activations); step times compare different parallelisms (docs/peers.md say
 from __future__ import annotations
 
 import gc
-import statistics
 import sys
 import time
 import warnings
@@ -153,23 +152,11 @@ def _state_bytes(model, optimizer) -> dict:
 
 
 def _time_steps(model, optimizer, data, loss_fn, device) -> dict:
-    """The median of ``TIMED_STEPS`` steps after a barrier, and steps per second over them."""
-    import torch
-    import torch.distributed as dist
+    """The median of ``TIMED_STEPS`` steps after a barrier, and steps per second over them
+    (the harness' own timing loop)."""
+    from bench.harness.scenarios import time_steps
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    dist.barrier()
-    times = []
-    for _ in range(TIMED_STEPS):
-        sync()
-        start = time.perf_counter()
-        train_step(model, optimizer, data, loss_fn)
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"step_seconds": statistics.median(times), "steps_per_second": TIMED_STEPS / sum(times)}
+    return time_steps(lambda: train_step(model, optimizer, data, loss_fn), device, TIMED_STEPS)
 
 
 def batch_for(scenario, device):
