@@ -111,10 +111,12 @@ def test_a_family_it_cannot_express_and_ranks_past_their_deadline_are_rows_that_
     import argparse
     import time
 
-    scenarios = [Scenario("gemma", MiB, 2, "fsdp2"), Scenario("mlp", MiB, 2, "fsdp2")]
+    # 64 MiB: a build and AdamW step that take seconds, so that 0.5 s is missed even by a warm
+    # world (a 1 MiB mlp in a reused world finished within 1 s on a clean CI machine).
+    scenarios = [Scenario("gemma", MiB, 2, "fsdp2"), Scenario("mlp", 64 * MiB, 2, "fsdp2")]
     start = time.monotonic()
     with open(os.devnull, "w") as quiet:
-        rows, meta = fsdp2.run(argparse.Namespace(timeout=1.0), scenarios, log=quiet)
+        rows, meta = fsdp2.run(argparse.Namespace(timeout=0.5), scenarios, log=quiet)
     assert time.monotonic() - start < 30
     by_family = {f: {(r["rank"], r["phase"], r["status"]) for r in rows if r["family"] == f} for f in ("gemma", "mlp")}
     assert by_family == {f: {(rank, phase, status) for rank in (0, 1) for phase in ("build", "step")}
