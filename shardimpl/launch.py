@@ -77,9 +77,14 @@ def _rank_main(rank, world, init_file, backend, device, timeout, in_q, out_q):
         {_CHILD_FLAG: "1", "RANK": str(rank), "WORLD_SIZE": str(world),
          "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
     )
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
+    # A rank killed by a signal (a segfault in a C++ kernel or in gloo) reports nothing through
+    # the queue ("died with exit code -11"); its Python stacks go to stderr instead.
+    faulthandler.enable(all_threads=True)
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     from shardimpl.budgets import prefer_mmap
