@@ -190,8 +190,9 @@ def _ops(sample) -> str:
 
 def _cpu_lines(runs) -> list[str]:
     """Rank 0's process CPU per step (median of its steps; min / median over rounds) and, against
-    the reference, the median over rounds of the per-round CPU ratio. Stock Keras runs 2 threads
-    in one process (its CPU includes both), the ranks 1 thread each."""
+    the reference, the median over rounds of the per-round CPU ratio. Stock Keras' one process runs
+    a thread per core (its CPU counts them all, spin-waits included) and N ranks share the cores,
+    unless OMP_NUM_THREADS sets every process's threads."""
     if not all("step_cpu_seconds" in r for rs in runs.values() for r in rs):
         return []  # samples from before the CPU figure (an old --json)
     lines = []
