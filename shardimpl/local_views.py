@@ -19,6 +19,12 @@ Semantics are DTensor's own (its ``_ToTorchTensor`` / ``_FromTorchTensor``):
   Replicate) where it is laid out otherwise, and its local tensor is the gradient.
 
 No collective except that backward redistribution (which DTensor's ``from_local`` does too).
+
+``sum_partial(x)``: a Partial(sum) DTensor summed over its partial axes (Megatron's g), as
+``x.redistribute`` to Replicate there, with one ``torch.distributed.all_reduce`` per partial axis
+on a copy of the local tensor; its backward is the identity. DTensor's own redistribute goes
+through its functional collectives' custom-op and autograd wrappers: about 0.7 ms more per
+call measured on this machine (a 64 MiB mlp step at N = 2 makes two).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
 from torch.distributed.tensor._utils import compute_global_tensor_info
 
-__all__ = ["to_local", "from_local", "contiguous_stride"]
+__all__ = ["to_local", "from_local", "sum_partial", "contiguous_stride"]
 
 _SPECS: dict = {}
 _MAX_SPECS = 4096  # distinct layouts of one program are a few hundred; a bound against leaks
@@ -75,6 +81,11 @@ class _ToLocal(torch.autograd.Function):
         if grad is None:
             return None, None, None
         mesh, placements, grad_placements, shape, dtype = ctx.meta
+        if isinstance(grad, DTensor):
+            # The local tensor met a DTensor downstream (a loss scaled by a replicated
+            # LossScaleOptimizer variable): DTensor took it as replicated, so the gradient is a
+            # DTensor shaped like the local tensor; summed where partial, its local tensor is ours.
+            grad = grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim).to_local()
         if grad.is_contiguous():
             stride = contiguous_stride(shape)
         else:  # e.g. a transposed einsum gradient: its own stride, made global (DTensor's rule)
@@ -126,3 +137,45 @@ def from_local(local: torch.Tensor, mesh, placements, shape=None, stride=None) -
     if not torch.is_grad_enabled():
         return DTensor(local, spec, requires_grad=False)
     return _FromLocal.apply(local, spec)
+
+
+class _SumPartial(torch.autograd.Function):
+    """Forward: the local tensor's copy all-reduced (sum) over each of ``groups``, wrapped as
+    ``spec`` (the input's layout with Replicate for Partial). Backward: the gradient as it is,
+    laid out as ``spec`` (each rank's partial term gets the whole gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, groups, spec):
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        local = x._local_tensor.clone(memory_format=torch.contiguous_format)
+        for group in groups:
+            torch.distributed.all_reduce(local, group=group)
+        return DTensor(local, spec, requires_grad=x.requires_grad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        if not isinstance(grad, DTensor):  # a replicated gradient handed back as a plain tensor
+            return DTensor(grad, ctx.spec, requires_grad=grad.requires_grad), None, None
+        if tuple(grad.placements) != tuple(ctx.spec.placements):
+            target = DTensorSpec(ctx.spec.mesh, ctx.spec.placements, tensor_meta=grad._spec.tensor_meta)
+            grad = DTensor(redistribute_local_tensor(grad._local_tensor, grad._spec, target), target,
+                           requires_grad=grad.requires_grad)
+        return grad, None, None
+
+
+def sum_partial(x: DTensor) -> DTensor:
+    """``x`` with each Partial(sum) placement summed to Replicate (module docstring); ``x``
+    itself where nothing is partial; DTensor's redistribute for other reductions (avg, max)."""
+    placements = tuple(x.placements)
+    partial = [axis for axis, p in enumerate(placements) if p.is_partial()]
+    if not partial:
+        return x
+    summed = _for_grad(placements)
+    if any(getattr(placements[a], "reduce_op", None) != "sum" for a in partial):
+        return x.redistribute(x.device_mesh, summed)
+    mesh = x.device_mesh
+    spec = _spec(mesh, summed, tuple(x.shape), contiguous_stride(x.shape), x.dtype)  # the sum is a contiguous copy
+    return _SumPartial.apply(x, [mesh.get_group(a) for a in partial], spec)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from shardimpl.fsdp import is_gathered, local_saves
-from shardimpl.local_views import from_local, to_local
+from shardimpl.local_views import from_local, sum_partial, to_local
 
 __all__ = ["local_einsum", "local_einsum_parts", "dense_equation"]
 
@@ -169,7 +169,7 @@ def _settle_input(equation: str, x: DTensor, w: DTensor):
             return None
         kept = getattr(x, "_shardimpl_reduced", None)
         if kept is None:
-            kept = x.redistribute(x.device_mesh, [Replicate() if p.is_partial() else p for p in x.placements])
+            kept = sum_partial(x)
             x._shardimpl_reduced = kept
         x = kept
     wanted = list(x.placements)

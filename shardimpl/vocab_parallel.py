@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from shardimpl.layout import local_shard_bounds
+from shardimpl.local_views import from_local, to_local
 from shardimpl.mesh import mesh_coordinate
 
-__all__ = ["vocab_axis", "cross_entropy"]
+__all__ = ["vocab_axis", "cross_entropy", "mean_over_vocabulary"]
 
 
 def vocab_axis(logits) -> int | None:
@@ -102,6 +103,43 @@ def cross_entropy(logits: DTensor, target) -> DTensor:
     local = _LocalCrossEntropy.apply(logits.to_local(), local_target.long(), int(offsets[-1]), group)
     return DTensor.from_local(local, mesh, out_placements, run_check=False,
                               shape=tuple(logits.shape[:-1]), stride=_contiguous_stride(logits.shape[:-1]))
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Megatron's g: forward, the sum over the group's ranks (one all-reduce); backward, identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def mean_over_vocabulary(elementwise, logits: DTensor, target) -> DTensor:
+    """``mean(elementwise(target, logits), axis=-1)`` for ``logits`` split along their last dim
+    (`vocab_axis`) and a ``target`` shaped like them (a tensor, or a DTensor): Keras' mean
+    squared and absolute errors without DTensor's dispatches or its gathering.
+
+    ``elementwise`` takes the local blocks of the target and the logits and returns values of
+    the same shape. Collectives: one all-reduce of one float per position forward (the sum of
+    each rank's block), none backward. Memory: the local block's values. Returns a DTensor laid
+    out as `cross_entropy`'s: replicated along the vocabulary axis.
+    """
+    axis = vocab_axis(logits)
+    if axis is None:
+        raise ValueError("mean_over_vocabulary needs logits split along their last dim on one mesh axis. "
+                         f"Received: placements={getattr(logits, 'placements', None)}.")
+    mesh = logits.device_mesh
+    placements = tuple(logits.placements)
+    local_logits = to_local(logits)
+    local_target = _local_target(target, logits, placements).to(local_logits.dtype)
+    summed = _SumOverGroup.apply(elementwise(local_target, local_logits).sum(dim=-1), mesh.get_group(axis))
+    out_placements = tuple(Replicate() if i == axis else p for i, p in enumerate(placements))
+    return from_local(summed / logits.shape[-1], mesh, out_placements, tuple(logits.shape[:-1]))
 
 
 def _local_target(target, logits, placements):

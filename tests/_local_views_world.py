@@ -70,3 +70,42 @@ def views_match_dtensor():
     except ValueError as e:
         out["missing_shape_error"] = str(e)
     return out
+
+
+def sum_partial_matches_dtensor():
+    """`local_views.sum_partial` against DTensor's redistribute (values, layouts, gradients), its
+    no-op on an unsummed DTensor, and `to_local`'s backward taking a DTensor gradient (a local
+    tensor multiplied by a replicated DTensor, as a LossScaleOptimizer's scale does)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from shardimpl import local_views
+
+    mesh = init_device_mesh("cpu", (2,))
+    rank = torch.distributed.get_rank()
+    out = {}
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    replicated_weight = distribute_tensor(weight, mesh, [Replicate()])
+    grads, values = [], []
+    for reduce in (local_views.sum_partial, lambda d: d.redistribute(mesh, [Replicate()])):
+        local = (torch.arange(12, dtype=torch.float32).reshape(3, 4) + 10 * rank).requires_grad_()
+        partial = DTensor.from_local(local, mesh, [Partial()], run_check=False)
+        summed = reduce(partial)
+        (summed * replicated_weight).sum().backward()
+        values.append(summed.detach())
+        grads.append(local.grad)
+    out["values"] = _same(values[0], values[1])
+    out["gradients"] = bool(torch.equal(grads[0], grads[1]))
+    split = distribute_tensor(weight, mesh, [Shard(0)])
+    out["unsummed_is_itself"] = local_views.sum_partial(split) is split
+
+    scale = distribute_tensor(torch.tensor(3.0), mesh, [Replicate()])
+    x = distribute_tensor(weight, mesh, [Replicate()]).requires_grad_()
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    with implicit_replication():
+        (local_views.to_local(x) * weight * scale).sum().backward()
+    out["dtensor_gradient"] = (tuple(x.grad.placements) == (Replicate(),)
+                               and bool(torch.equal(x.grad.to_local(), 3 * weight)))
+    return out

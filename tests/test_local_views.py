@@ -19,3 +19,8 @@ def test_cached_local_views_give_dtensors_own_gradients():
             assert r[case] is True, (case, r)
         assert r["transposed_gradients_seen"] == 1  # the transposed case took the strided path
         assert "pass shape=" in r["missing_shape_error"]
+
+
+def test_sum_partial_sums_as_dtensor_does_and_to_local_takes_a_dtensor_gradient():
+    for r in ok_values(launch.run(_local_views_world.sum_partial_matches_dtensor, 2, timeout=120)):
+        assert r == {"values": True, "gradients": True, "unsummed_is_itself": True, "dtensor_gradient": True}, r

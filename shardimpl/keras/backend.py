@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from shardimpl.create import distribute_variable as _distribute_variable
 from shardimpl.launchers import detect
 from shardimpl.layout import TorchLayout
+from shardimpl.local_views import sum_partial
 from shardimpl.mesh import local_device, resolve_layout, to_torch_mesh, torch_placements
 
 __all__ = [
@@ -173,6 +174,9 @@ def distribute_tensor(tensor, layout):
     if isinstance(tensor, DTensor):
         if tuple(tensor.placements) == placements and tensor.device_mesh == tl.mesh:
             return tensor
+        if tensor.device_mesh == tl.mesh and placements == tuple(Replicate() if p.is_partial() else p
+                                                                  for p in tensor.placements):
+            return sum_partial(tensor)  # Partial summed where laid out: one all-reduce, no funcol wrappers
         return tensor.redistribute(tl.mesh, placements)
     replicated = DTensor.from_local(tensor.to(local_device(tl.mesh)), tl.mesh,
                                     [Replicate()] * tl.mesh.ndim, run_check=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["SUPPORTED_KERAS", "check_keras", "torch_core", "torch_nn", "torch_trainer_class", "keras_distribution_lib",
+__all__ = ["SUPPORTED_KERAS", "check_keras", "torch_core", "torch_nn", "torch_numpy", "torch_trainer_class", "keras_distribution_lib",
            "in_symbolic_scope", "torch_layer_class", "torch_parallel_optimizer_class",
            "torch_parallel_optimizer_classes", "optimizer_slot_lists"]
 
@@ -62,6 +62,20 @@ def keras_ops_nn():
     if not callable(getattr(module, "_rms_normalization", None)):
         raise _moved("RMS normalization (keras.src.ops.nn._rms_normalization)", ("keras.src.ops.nn",))
     return module
+
+
+def torch_numpy():
+    """Keras' torch backend numpy module (``backend/torch/numpy.py``, 3.15; ``ops/numpy.py``, 3.16),
+    whose ``repeat`` ``keras.ops.repeat`` calls."""
+    tried = ("keras.src.backend.torch.numpy", "keras.src.backend.torch.ops.numpy")
+    for name in tried:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "repeat", None)):
+            return module
+    raise _moved("torch backend numpy module", tried)
 
 
 def torch_nn():

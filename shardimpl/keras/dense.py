@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
-from shardimpl.local_views import from_local, to_local
+from shardimpl.local_views import from_local, sum_partial, to_local
 from shardimpl.tp_einsum import dense_equation, local_einsum_parts
 
 #: Keras activations that act on each element alone: they give the same values on a block.
@@ -48,8 +48,8 @@ def _finish(layer, x):
     from keras.src import ops
 
     if layer.bias is not None:
-        if isinstance(x, DTensor) and any(p.is_partial() for p in x.placements):
-            x = x.redistribute(x.device_mesh, [Replicate() if p.is_partial() else p for p in x.placements])
+        if isinstance(x, DTensor):
+            x = sum_partial(x)
         x = ops.add(x, layer.bias)
     if layer.activation is not None:
         x = layer.activation(x)
@@ -98,7 +98,7 @@ def _finish_local(layer, parts):
     if bias is False:
         return None
     if partial:
-        reduced = from_local(y, mesh, placements, shape).redistribute(mesh, summed)
+        reduced = sum_partial(from_local(y, mesh, placements, shape))
         y, placements = to_local(reduced), summed
     with local_saves():
         if bias is not None:

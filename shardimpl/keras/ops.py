@@ -6,15 +6,21 @@ split along a dim (keras-hub's sampler writes each generated token into a
 prompt laid out along the batch axis). Such a value is gathered along the
 split axes for the update and laid out again afterwards (the prompt is small;
 an all-gather and a local slice per call).
+
+``repeat`` of a DTensor by an integer along one axis (GroupQueryAttention repeats its heads-split
+keys and values to the query heads) runs on the local block: each rank's block of the repeated
+tensor is its own block repeated, wherever the axis is replicated, or split evenly. DTensor ran it
+as four dispatches forward and as many backward per call. Other cases: Keras' own.
 """
 
 from __future__ import annotations
 
 import functools
 
+import torch
 from torch.distributed.tensor import DTensor, Replicate
 
-__all__ = ["wrap_slice_update"]
+__all__ = ["wrap_slice_update", "wrap_repeat"]
 
 
 def wrap_slice_update(original):
@@ -30,3 +36,32 @@ def wrap_slice_update(original):
         return original(whole, start_indices, updates).redistribute(mesh, placements)
 
     return slice_update
+
+
+def _local_repeat_fits(x: DTensor, axis: int) -> bool:
+    """Every placement replicated or a split, and a split of ``axis`` itself an even one."""
+    mesh = x.device_mesh
+    for i, p in enumerate(x.placements):
+        if p.is_partial():
+            return False
+        if p.is_shard() and p.dim % x.ndim == axis and x.shape[axis] % mesh.size(i):
+            return False
+    return True
+
+
+def wrap_repeat(original):
+    @functools.wraps(original)
+    def repeat(x, repeats, axis=None):
+        if not isinstance(x, DTensor) or not isinstance(repeats, int) or isinstance(repeats, bool) or axis is None:
+            return original(x, repeats, axis=axis)
+        axis = axis + x.ndim if axis < 0 else axis
+        if not 0 <= axis < x.ndim or repeats < 0 or not _local_repeat_fits(x, axis):
+            return original(x, repeats, axis=axis)
+        from shardimpl.local_views import from_local, to_local
+
+        shape = list(x.shape)
+        shape[axis] *= repeats
+        local = torch.repeat_interleave(to_local(x), repeats, dim=axis)
+        return from_local(local, x.device_mesh, x.placements, tuple(shape))
+
+    return repeat

@@ -28,10 +28,10 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import (attention, backend, calls, dense, losses, norms, optimizers, ops, remat, rules, saving,
-                             steps, variables)
+from shardimpl.keras import (attention, backend, calls, dense, local_scoring, losses, norms, optimizers, ops, remat,
+                             rules, saving, steps, variables)
 from shardimpl.keras.compat import (keras_distribution_lib, keras_ops_nn, torch_core, torch_layer_class, torch_nn,
-                                   torch_parallel_optimizer_class, torch_trainer_class)
+                                   torch_numpy, torch_parallel_optimizer_class, torch_trainer_class)
 
 __all__ = ["Patch", "patch_table", "before_install_table", "apply_before_install", "apply_all", "undo_all",
            "describe_table"]
@@ -72,6 +72,16 @@ def patch_table() -> list[Patch]:
     trainer = torch_trainer_class
 
     keras_backend_pkg = _keras_backend_pkg
+
+    def loss_function_wrapper():
+        from keras.src.losses.losses import LossFunctionWrapper
+
+        return LossFunctionWrapper
+
+    def base_trainer():
+        from keras.src.trainers.trainer import Trainer
+
+        return Trainer
 
     def data_adapters():
         from keras.src.trainers import data_adapters as mod
@@ -175,6 +185,10 @@ def patch_table() -> list[Patch]:
                       "an update of a value split along a dim (a sampler's batch-split prompt) is "
                       "done on its gathered form and laid out again; DTensor has no in-place rule",
                       _one(core), ops.wrap_slice_update))
+    rows.append(Patch("<torch numpy>", "repeat",
+                      "a DTensor repeated by an integer along an axis (GroupQueryAttention's key-value heads) "
+                      "on the local block; DTensor took four dispatches forward and backward",
+                      _one(torch_numpy), ops.wrap_repeat))
     rows.append(Patch("<torch core>", "remat",
                       "keras.RematScope's checkpoints free recomputed tensors at once: torch's early "
                       "stop left them in a traceback's reference cycle until the garbage collector ran",
@@ -191,6 +205,16 @@ def patch_table() -> list[Patch]:
                       "logits split along the vocabulary (a vocabulary-split LM head) give their loss "
                       "from each rank's block, never gathered whole (vocabulary-parallel cross-entropy)",
                       _one(torch_nn), losses.wrap_sparse_categorical_crossentropy))
+    rows.append(Patch("keras.src.losses.losses.LossFunctionWrapper", "call",
+                      "mean squared / absolute error of vocabulary-split logits from each rank's block "
+                      "(one all-reduce of a float per position; DTensor took a dozen dispatches)",
+                      _one(loss_function_wrapper), losses.wrap_loss_function_call))
+    rows.append(Patch("keras.src.trainers.trainer.Trainer", "_compute_loss",
+                      "replicated outputs and targets scored as plain tensors (each op of the loss was a "
+                      "DTensor dispatch, forward and backward; every rank computes the same values)",
+                      _one(base_trainer), local_scoring.wrap_compute_loss))
+    rows.append(Patch("keras.src.trainers.trainer.Trainer", "compute_metrics",
+                      "as _compute_loss, for the metrics", _one(base_trainer), local_scoring.wrap_compute_metrics))
     for name in ("train_step", "test_step"):
         rows.append(Patch("<torch trainer>", name,
                           "batches laid out on the mesh (replicated where the data axis does not divide "
