@@ -48,11 +48,14 @@ def _ordinary_malloc() -> None:
     Ranks send every block >= 128 KiB to mmap so that memory budgets bite; each
     step's gradients then come back as fresh, zero-filled pages (measured: stock
     mlp step 55 ms in a rank vs 38 ms in a plain process). glibc's own dynamic
-    threshold ends at 32 MiB, so that is what timing runs use, stock and sharded alike.
+    threshold ends at 32 MiB, so that is what timing runs use, stock and sharded alike, with the
+    trim threshold glibc pairs with it (twice that: `shardimpl.budgets.keep_freed_heap`); left
+    at 128 KiB, freed gradients went back to the OS and page-faulted in again every step.
     """
-    from shardimpl.budgets import prefer_mmap
+    from shardimpl.budgets import keep_freed_heap, prefer_mmap
 
     prefer_mmap(32 * MiB)
+    keep_freed_heap(64 * MiB)
 
 
 def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int,

@@ -136,6 +136,14 @@ def _lr_only(opt, learning_rate, dtype):
 
 def _sgd_kernel(opt, s, var, grad, *slots):
     lr = s["lr_value"]
+    if var and var[0].device.type == "cpu":
+        # On a CPU each variable's whole update in turn, while its momentum is in cache: the
+        # _foreach form (every momentum scaled, then every one added to, ...) went through
+        # memory three times; measured 2-3 ms of a 64 MiB mlp step's 28 at N = 2. Same ops,
+        # same order per element. Accelerators keep the _foreach form (one launch per op).
+        for i, (v, g) in enumerate(zip(var, grad)):
+            _sgd_one(opt, lr, v, g, slots[0][i] if slots else None)
+        return
     if not slots:
         torch._foreach_add_(var, grad, alpha=-lr)
         return
@@ -147,6 +155,19 @@ def _sgd_kernel(opt, s, var, grad, *slots):
         torch._foreach_add_(var, buf, alpha=opt.momentum)
     else:
         torch._foreach_add_(var, buf)
+
+
+def _sgd_one(opt, lr, var, grad, buf):
+    """`_sgd_kernel`'s update of one variable (Keras' SGD: m = momentum m - lr g; w += m)."""
+    if buf is None:
+        var.add_(grad, alpha=-lr)
+        return
+    buf.mul_(opt.momentum).add_(grad, alpha=-lr)
+    if opt.nesterov:
+        var.add_(grad, alpha=-lr)
+        var.add_(buf, alpha=opt.momentum)
+    else:
+        var.add_(buf)
 
 
 def _sgd_scalars(opt, learning_rate, dtype):

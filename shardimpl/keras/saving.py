@@ -92,6 +92,8 @@ def wrap_direct_assign(original):
     def _direct_assign(self, value):
         target = getattr(self, "_value", None)
         if not isinstance(target, DTensor):
+            if isinstance(value, DTensor):  # e.g. a metric's plain total updated from sharded outputs
+                value = value.full_tensor()
             return original(self, value)
         if isinstance(value, DTensor):
             if tuple(value.placements) != tuple(target.placements):

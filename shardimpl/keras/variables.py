@@ -12,6 +12,12 @@ shardimpl is no longer installed, or with no distribution set, raises one
 clear error instead of torch's "mixed torch.Tensor and DTensor". Read by a
 layer's ``call`` inside a step or direct call, a variable split along the
 data axis reads as gathered along that axis (`shardimpl.keras.fsdp`).
+
+One kind of variable stays a plain tensor, as in stock Keras: a scalar that is not trained (a
+metric's total and count, the optimizer's iteration counter, a loss scale). It cannot be split,
+every rank updates it the same way from replicated values, and as a DTensor each update and
+read of it was a DTensor dispatch (12 of a 64 MiB mlp step's 24, ~1 ms); a replicated DTensor
+assigned to it is taken whole (`shardimpl.keras.saving.wrap_direct_assign`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ __all__ = [
     "wrap_initialize",
     "sharded_parameter",
     "is_sharded_variable",
+    "kept_plain",
     "ShardedVariableError",
 ]
 
@@ -42,9 +49,16 @@ class ShardedVariableError(RuntimeError):
 
 def _layout_for(variable):
     distribution = current_distribution()
-    if distribution is None:
+    if distribution is None or kept_plain(variable):
         return None
     return distribution.get_variable_layout(variable)
+
+
+def kept_plain(variable) -> bool:
+    """True for a variable created plain under a distribution: a scalar that is not trained
+    (module docstring)."""
+    shape = getattr(variable, "_shape", None)
+    return shape is not None and len(shape) == 0 and not variable.trainable
 
 
 def sharded_parameter(value, trainable: bool) -> torch.nn.Parameter:
