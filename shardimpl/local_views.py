@@ -20,6 +20,13 @@ Semantics are DTensor's own (its ``_ToTorchTensor`` / ``_FromTorchTensor``):
 
 No collective except that backward redistribution (which DTensor's ``from_local`` does too).
 
+A DTensor made by ``from_local`` remembers its local tensor: ``to_local`` of it with the default
+gradient layout hands back (a view of) that tensor itself, with no autograd node of its own,
+as long as the DTensor was not changed in place since (its ``grad_fn`` is the one ``from_local``
+gave it). Gradients are the same either way (the round trip is the identity on the local
+gradient); a chain of sharded layers then steps out of and back into DTensor once per layer
+instead of twice.
+
 ``sum_partial(x)``: a Partial(sum) DTensor summed over its partial axes (Megatron's g), as
 ``x.redistribute`` to Replicate there, with one ``torch.distributed.all_reduce`` per partial axis
 on a copy of the local tensor; its backward is the identity. DTensor's own redistribute goes
@@ -37,7 +44,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
 from torch.distributed.tensor._utils import compute_global_tensor_info
 
-__all__ = ["to_local", "from_local", "sum_partial", "contiguous_stride"]
+__all__ = ["to_local", "from_local", "sum_partial", "sum_over_groups", "contiguous_stride"]
 
 _SPECS: dict = {}
 _MAX_SPECS = 4096  # distinct layouts of one program are a few hundred; a bound against leaks
@@ -118,7 +125,12 @@ def to_local(x: DTensor, grad_placements=None) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return x._local_tensor
     placements = tuple(x.placements)
-    grads = _for_grad(placements) if grad_placements is None else tuple(grad_placements)
+    default = _for_grad(placements)
+    grads = default if grad_placements is None else tuple(grad_placements)
+    if grads == default:
+        made = x.__dict__.get("_shardimpl_made")
+        if made is not None and made[1] is x.grad_fn:
+            return made[0].view_as(made[0])
     return _ToLocal.apply(x, placements, grads)
 
 
@@ -136,7 +148,9 @@ def from_local(local: torch.Tensor, mesh, placements, shape=None, stride=None) -
     spec = _spec(mesh, placements, shape, stride, local.dtype)
     if not torch.is_grad_enabled():
         return DTensor(local, spec, requires_grad=False)
-    return _FromLocal.apply(local, spec)
+    out = _FromLocal.apply(local, spec)
+    out.__dict__["_shardimpl_made"] = (local, out.grad_fn)  # for to_local's shortcut (module docstring)
+    return out
 
 
 class _SumPartial(torch.autograd.Function):
@@ -164,6 +178,28 @@ class _SumPartial(torch.autograd.Function):
             grad = DTensor(redistribute_local_tensor(grad._local_tensor, grad._spec, target), target,
                            requires_grad=grad.requires_grad)
         return grad, None, None
+
+
+class _SumOverGroups(torch.autograd.Function):
+    """Megatron's g on a local tensor: forward, a copy summed over each group's ranks (one
+    all-reduce per group); backward, the gradient as it is."""
+
+    @staticmethod
+    def forward(ctx, x, groups):
+        out = x.clone(memory_format=torch.contiguous_format)
+        for group in groups:
+            torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_groups(local: torch.Tensor, groups) -> torch.Tensor:
+    """``local`` summed over the ranks of each process group in ``groups`` (differentiable:
+    the gradient passes unchanged, as each rank's term gets the sum's whole gradient)."""
+    return _SumOverGroups.apply(local, list(groups))
 
 
 def sum_partial(x: DTensor) -> DTensor:

@@ -30,6 +30,8 @@ Memory: the local output block only; nothing is gathered.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -64,20 +66,36 @@ def dense_equation(ndim: int) -> str | None:
     return f"{batch}y,yz->{batch}z"
 
 
-def _plan(equation: str, x: DTensor, w: DTensor):
-    """Output placements, the input's and kernel's gradient placements and the axes whose input
-    gradient is all-reduced; None where the table in the module docstring has no row."""
-    if "." in equation or "->" not in equation:
+@functools.lru_cache(maxsize=1024)
+def _letters(equation: str):
+    """(input letters, kernel letters, output letters) of a two-operand einsum without an
+    ellipsis, or None. Cached: a model has a few equations, called every step."""
+    if "." in equation or "->" not in equation or equation.count("->") != 1:
         return None
     inputs, out = equation.split("->")
     parts = inputs.split(",")
     if len(parts) != 2:
         return None
-    xs, ws = parts
-    if len(xs) != x.ndim or len(ws) != w.ndim or len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
+    return parts[0], parts[1], out
+
+
+def _plan(equation: str, x: DTensor, w: DTensor):
+    """Output placements, the input's and kernel's gradient placements and the axes whose input
+    gradient is all-reduced (tuples); None where the table in the module docstring has no row."""
+    return _plan_for(equation, x.ndim, w.ndim, tuple(x.placements), tuple(w.placements))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_for(equation: str, x_ndim: int, w_ndim: int, x_placements: tuple, w_placements: tuple):
+    """`_plan` on the layouts alone (placements are values: cached per layout, not per call)."""
+    letters = _letters(equation)
+    if letters is None:
+        return None
+    xs, ws, out = letters
+    if len(xs) != x_ndim or len(ws) != w_ndim or len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
         return None
     out_placements, gx, gw, reduce_axes, used = [], [], [], [], set()
-    for axis, (px, pw) in enumerate(zip(x.placements, w.placements)):
+    for axis, (px, pw) in enumerate(zip(x_placements, w_placements)):
         if px.is_partial() or pw.is_partial():
             return None
         if pw.is_replicate() and px.is_replicate():
@@ -112,7 +130,7 @@ def _plan(equation: str, x: DTensor, w: DTensor):
                 return None
             used.add(placement.dim)
         out_placements.append(placement)
-    return out_placements, gx, gw, reduce_axes
+    return tuple(out_placements), tuple(gx), tuple(gw), tuple(reduce_axes)
 
 
 def local_einsum(equation: str, x, w):
@@ -150,10 +168,15 @@ def local_einsum_parts(equation: str, x, w):
         # Saved as they are under a direct call's hooks (which would save them as replicated
         # DTensors, which a local backward cannot take); remat's checkpoint hooks stay in charge.
         y = _contract(equation, x_local, to_local(w, gw))
-    sizes = {**dict(zip(equation.split("->")[0].split(",")[0], x.shape)),
-             **dict(zip(equation.split("->")[0].split(",")[1], w.shape))}
-    shape = torch.Size(sizes[letter] for letter in equation.split("->")[1])
+    shape = torch.Size((x.shape[i] if operand == 0 else w.shape[i]) for operand, i in _output_dims(equation))
     return y, mesh, placements, shape
+
+
+@functools.lru_cache(maxsize=1024)
+def _output_dims(equation: str) -> tuple:
+    """For each output letter, (0, its dim in the input) or (1, its dim in the kernel)."""
+    xs, ws, out = _letters(equation)
+    return tuple((0, xs.index(c)) if c in xs else (1, ws.index(c)) for c in out)
 
 
 def _settle_input(equation: str, x: DTensor, w: DTensor):
@@ -161,9 +184,9 @@ def _settle_input(equation: str, x: DTensor, w: DTensor):
     (Megatron's g, kept on the input so that the layers sharing it reduce it once); a whole input
     of a kernel split along the contracted dim cut to this rank's block (no communication
     forward; DTensor all-gathers its gradient backward)."""
-    if "->" not in equation or equation.count(",") != 1 or "." in equation:
+    letters = _letters(equation)
+    if letters is None:
         return None
-    (xs, ws), out = equation.split("->")[0].split(","), equation.split("->")[1]
     if any(p.is_partial() for p in x.placements):
         if any(p.is_partial() and getattr(p, "reduce_op", None) != "sum" for p in x.placements):
             return None
@@ -172,15 +195,25 @@ def _settle_input(equation: str, x: DTensor, w: DTensor):
             kept = sum_partial(x)
             x._shardimpl_reduced = kept
         x = kept
-    wanted = list(x.placements)
-    for axis, (px, pw) in enumerate(zip(x.placements, w.placements)):
-        if px.is_replicate() and pw.is_shard() and len(ws) == w.ndim and len(xs) == x.ndim:
+    placements = tuple(x.placements)
+    wanted = _wanted_input(letters, x.ndim, w.ndim, placements, tuple(w.placements))
+    if wanted != placements:
+        x = x.redistribute(x.device_mesh, wanted)
+    return x
+
+
+@functools.lru_cache(maxsize=4096)
+def _wanted_input(letters, x_ndim: int, w_ndim: int, x_placements: tuple, w_placements: tuple) -> tuple:
+    """The input's placements `_settle_input` wants: its own, but split along the kernel's
+    contracted dim on each axis where the kernel is split there and the input is whole."""
+    xs, ws, out = letters
+    wanted = list(x_placements)
+    for axis, (px, pw) in enumerate(zip(x_placements, w_placements)):
+        if px.is_replicate() and pw.is_shard() and len(ws) == w_ndim and len(xs) == x_ndim:
             letter = ws[pw.dim]
             if letter in xs and letter not in out:
                 wanted[axis] = Shard(xs.index(letter))
-    if wanted != list(x.placements):
-        x = x.redistribute(x.device_mesh, wanted)
-    return x
+    return tuple(wanted)
 
 
 def _local_input(x: DTensor, gx, reduce_axes, mesh):
@@ -221,11 +254,13 @@ def _contract(equation: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.reshape(*batch, *w.shape[k:])
 
 
+@functools.lru_cache(maxsize=1024)
 def _matmul_letters(equation: str) -> int | None:
     """How many trailing input letters the kernel leads with, if ``equation`` is a matmul; else None."""
-    if "->" not in equation or "." in equation or equation.count(",") != 1:
+    letters = _letters(equation)
+    if letters is None:
         return None
-    (xs, ws), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    xs, ws, out = letters
     if len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
         return None
     for k in range(min(len(xs), len(ws)), 0, -1):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from shardimpl.layout import local_shard_bounds
-from shardimpl.local_views import from_local, to_local
+from shardimpl.local_views import from_local, sum_over_groups, to_local
 from shardimpl.mesh import mesh_coordinate
 
 __all__ = ["vocab_axis", "cross_entropy", "mean_over_vocabulary"]
@@ -105,20 +105,6 @@ def cross_entropy(logits: DTensor, target) -> DTensor:
                               shape=tuple(logits.shape[:-1]), stride=_contiguous_stride(logits.shape[:-1]))
 
 
-class _SumOverGroup(torch.autograd.Function):
-    """Megatron's g: forward, the sum over the group's ranks (one all-reduce); backward, identity."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def mean_over_vocabulary(elementwise, logits: DTensor, target) -> DTensor:
     """``mean(elementwise(target, logits), axis=-1)`` for ``logits`` split along their last dim
     (`vocab_axis`) and a ``target`` shaped like them (a tensor, or a DTensor): Keras' mean
@@ -137,7 +123,7 @@ def mean_over_vocabulary(elementwise, logits: DTensor, target) -> DTensor:
     placements = tuple(logits.placements)
     local_logits = to_local(logits)
     local_target = _local_target(target, logits, placements).to(local_logits.dtype)
-    summed = _SumOverGroup.apply(elementwise(local_target, local_logits).sum(dim=-1), mesh.get_group(axis))
+    summed = sum_over_groups(elementwise(local_target, local_logits).sum(dim=-1), [mesh.get_group(axis)])
     out_placements = tuple(Replicate() if i == axis else p for i, p in enumerate(placements))
     return from_local(summed / logits.shape[-1], mesh, out_placements, tuple(logits.shape[:-1]))
 

@@ -7,9 +7,9 @@ family's LayoutMap), then the hand-written reference on N ranks (plain torch, th
 layout, explicit all-reduces: `bench.tools.tp_reference`), alternately, so machine load hits
 all alike. In each Keras run
 the model is built and compiled (SGD with momentum, MSE against zeros; keras-hub's CausalLMs:
-sparse cross-entropy on next-token ids, no reference), two warm-up
+sparse cross-entropy on next-token ids, no reference), `WARMUP` warm-up
 ``train_on_batch`` calls are made, then ``--steps`` timed ones (the median
-is the run's step time), then ``fit`` over ``--fit-batches`` batches (steps/s,
+is the run's step time: single steps on this 2-core machine vary by a third, so 15 by default), then ``fit`` over ``--fit-batches`` batches (steps/s,
 after one warm-up epoch); the reference does the same with its own step (SGD with momentum,
 MSE against zeros) and a loop over as many batches for "fit". Each run then counts one
 step's operators (`bench.tools.op_count`: ATen ops, collectives, DTensor dispatches). Prints
@@ -30,6 +30,7 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 MiB = 1 << 20
+WARMUP = 3  # untimed steps first: a sharded run's second and third steps still fill caches (layouts, DTensor's)
 
 
 def _all_column_mlp_map(mesh):
@@ -88,7 +89,7 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
         model.compile(optimizer=optimizer, loss="mse")
         shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
         y = np.zeros(shape, "float32")
-    for _ in range(2):
+    for _ in range(WARMUP):
         model.train_on_batch(x, y)
     times, cpus = _timed(lambda: model.train_on_batch(x, y), steps)
 
@@ -120,7 +121,7 @@ def _timed(step, steps) -> tuple[list, list]:
 
 def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
     """The hand-written tensor-parallel step (`bench.tools.tp_reference`) timed as `run_once`
-    times Keras: two warm-up steps, the median of ``steps``, then steps/s over ``fit_batches``
+    times Keras: `WARMUP` warm-up steps, the median of ``steps``, then steps/s over ``fit_batches``
     batches taken from host arrays as ``fit`` takes them (after one warm-up pass)."""
     import numpy as np
     import torch
@@ -133,7 +134,7 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
     model = tp_reference.build_reference(family, size)
     optimizer = tp_reference.make_optimizer(model)
     x = sample_batch(family, size)
-    for _ in range(2):
+    for _ in range(WARMUP):
         tp_reference.reference_step(model, optimizer, x)
     times, cpus = _timed(lambda: tp_reference.reference_step(model, optimizer, x), steps)
     xs = np.concatenate([x.numpy()] * fit_batches)
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--size-mib", type=float, default=64.0)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=15)
     p.add_argument("--fit-batches", type=int, default=16)
     p.add_argument("--all-column", action="store_true",
                    help="also time the mlp with every kernel column-split (the slow layout, for comparison)")

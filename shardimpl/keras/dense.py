@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
-from shardimpl.local_views import from_local, sum_partial, to_local
+from shardimpl.local_views import from_local, sum_over_groups, sum_partial, to_local
 from shardimpl.tp_einsum import dense_equation, local_einsum_parts
 
 #: Keras activations that act on each element alone: they give the same values on a block.
@@ -97,9 +97,11 @@ def _finish_local(layer, parts):
     bias = _local_bias(layer, mesh, summed, shape, y.dtype)
     if bias is False:
         return None
-    if partial:
-        reduced = sum_partial(from_local(y, mesh, placements, shape))
-        y, placements = to_local(reduced), summed
+    if partial:  # summed on the local block: one all-reduce per partial axis (as sum_partial)
+        partial_axes = [a for a, p in enumerate(placements) if p.is_partial()]
+        if any(getattr(placements[a], "reduce_op", None) != "sum" for a in partial_axes):
+            return None
+        y, placements = sum_over_groups(y, [mesh.get_group(a) for a in partial_axes]), summed
     with local_saves():
         if bias is not None:
             y = y + bias

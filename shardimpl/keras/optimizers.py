@@ -358,28 +358,28 @@ def rule_for(optimizer):
 
 def _local(value, layout):
     """``value``'s local shard if it is laid out as ``layout`` (a DTensor) and flat-viewable, else None."""
-    if not isinstance(value, DTensor) or value.device_mesh != layout.device_mesh:
-        return None
-    if tuple(value.placements) != tuple(layout.placements):
+    if not isinstance(value, DTensor):
         return None
     local = value._local_tensor
-    if local.shape != layout._local_tensor.shape or not local.is_contiguous():
+    if value is not layout and (value.device_mesh != layout.device_mesh
+                                or tuple(value.placements) != tuple(layout.placements)
+                                or local.shape != layout._local_tensor.shape):
         return None
-    return local
+    return local if local.is_contiguous() else None
 
 
 def _taken(optimizer, slot_lists, grad, variable):
     """(variable, gradient, *slots) local shards for the chunked update, or None for Keras' path."""
     if not is_sharded_variable(variable):
         return None
-    value = variable.value
+    value = variable._value  # what ``value`` reads outside a layer call (no autocast in an update)
     if not isinstance(value, DTensor):
         return None
     index = optimizer._get_variable_index(variable)
     slots = [slot_list[index] for slot_list in slot_lists]
     if any(s is None for s in slots):
         return None
-    tensors = [_local(value, value), _local(grad, value)] + [_local(s.value, value) for s in slots]
+    tensors = [_local(value, value), _local(grad, value)] + [_local(getattr(s, "_value", None), value) for s in slots]
     if any(t is None for t in tensors) or len({t.dtype for t in tensors}) != 1:
         return None
     return tensors
