@@ -120,15 +120,7 @@ def keep_freed_heap(trim_threshold: int) -> bool:
     and 1-3 ms per 64 MiB mlp step at N = 2, varying by rank and run). An ordinary process's glibc
     raises it to twice the mmap threshold. Returns False where ``mallopt`` is not available.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD = -1
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
-    except (OSError, AttributeError):
-        return False
+    return _mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
 
 
 def prefer_mmap(threshold: int = 131072) -> bool:
@@ -140,12 +132,16 @@ def prefer_mmap(threshold: int = 131072) -> bool:
     starting the process with ``MALLOC_MMAP_THRESHOLD_``; returns False where
     glibc's ``mallopt`` is not available.
     """
+    return _mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``; False where it is not available."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+        return bool(libc.mallopt(param, int(value)))
     except (OSError, AttributeError):
         return False
