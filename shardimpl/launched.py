@@ -21,6 +21,9 @@ within seconds of the failure:
    rank that sends nothing is "timeout". When the store itself does not
    answer (its host stopped or cut off), no row can travel: the other ranks'
    rows say so. Store requests run in bounded threads (`rendezvous.bounded`).
+4. The rank that hosts the store (rank 0 outside torchrun) returns only once
+   every rank that sent a row has read the rows (or after `GRACE_SECONDS`):
+   its exit closes the store under the others' last reads.
 
 After a call in which a rank failed, the process group is destroyed on every
 rank (`shardimpl.rendezvous.leave`): its collectives may be half done. The
@@ -133,7 +136,20 @@ def _exchange(store, prefix: str, rank: int, world: int, row, named: list, deadl
             row = RankResult(rank, row.status, None, f"stopped after rank {first} failed first (see its "
                              f"row); here: {row.error}")
     store.set(f"{prefix}/row/{rank}", _payload(row))
-    return _collect(store, prefix, world, deadline, first)
+    found, first = _collect(store, prefix, world, deadline, first)
+    store.set(f"{prefix}/read/{rank}", "1")
+    if rendezvous.serves_store():
+        _linger(store, prefix, [r for r, got in enumerate(found) if got is not None and r != rank], deadline)
+    return found, first
+
+
+def _linger(store, prefix: str, readers: list, deadline: float) -> None:
+    """The rank that hosts the store waits (up to `GRACE_SECONDS`) until every rank that sent a row
+    has read the others': leaving earlier would cut their last reads (a "connection reset")."""
+    keys = [f"{prefix}/read/{r}" for r in readers]
+    limit = min(deadline, time.monotonic() + GRACE_SECONDS)
+    while keys and not store.check(keys) and time.monotonic() < limit:
+        time.sleep(0.02)
 
 
 def _rows(found, first, world: int, own) -> list:

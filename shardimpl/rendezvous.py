@@ -42,7 +42,7 @@ import torch.distributed as dist
 from shardimpl import launchers, release
 
 __all__ = ["initialize", "timeout_seconds", "RanksMissing", "explain", "roll_call", "leave", "bounded",
-           "joined", "store", "hosts", "describe_world", "DEFAULT_TIMEOUT", "TIMEOUT_ENV"]
+           "joined", "store", "serves_store", "hosts", "describe_world", "DEFAULT_TIMEOUT", "TIMEOUT_ENV"]
 
 DEFAULT_TIMEOUT = 300.0  # five minutes: long enough for rank 0 alone writing a large file
 TIMEOUT_ENV = "SHARDIMPL_TIMEOUT"
@@ -131,8 +131,7 @@ def _connect(launch: launchers.Launch, seconds: float):
             f"initialize(): {launch.launcher} gave no rendezvous address (MASTER_ADDR/MASTER_PORT). "
             "Set them, or pass address='host:port'."
         )
-    agent = launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    serve = launch.rank == 0 and not agent
+    serve = serves_store(launch)
     try:
         store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, serve,
                               timedelta(seconds=seconds), wait_for_workers=False, multi_tenant=True)
@@ -150,6 +149,16 @@ def _connect(launch: launchers.Launch, seconds: float):
             f"node). Received: {type(exc).__name__}: {exc}", [0], seconds) from exc
     store.set_timeout(timedelta(seconds=max(seconds, _STORE_REPLY_SECONDS)))  # connected: now the replies
     return dist.PrefixStore(_namespace(launch), store)
+
+
+def serves_store(launch: launchers.Launch | None = None) -> bool:
+    """Whether this process hosts the rendezvous store: rank 0, unless torchrun's agent does. While
+    it lives the store answers; once it exits, every other rank's store request fails."""
+    launch = launch or joined()
+    if launch is None:
+        return False
+    agent = launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return launch.rank == 0 and not agent
 
 
 def _gather_keys(base, kind: str, rank: int, world: int, value: str, seconds: float) -> list[int]:
