@@ -179,3 +179,25 @@ def test_sp_losses_compares_both_maps_with_stock_keras(capsys):
     out = capsys.readouterr().out
     for label, _ in sp_losses.MAPS:
         assert f"N=2 {label}: sharded [" in out and f"{label}: largest relative loss difference" in out
+
+
+@pytest.mark.parametrize("family", ["mlp", "transformer"])
+def test_the_one_rank_model_has_the_sharded_models_local_block_shapes(family):
+    """`python -m bench speed --floor`'s model: each variable is the block one of 2 ranks holds
+    under the speed tool's LayoutMap (every dim mapped to "model" halved), nothing else."""
+    from bench.harness.rank_local import rank_local_batch, rank_local_model
+
+    size = 4 << 20
+    whole = families.build_model(family, size)
+    lm = families.layout_map(family, families.model_mesh(family, ["cpu:0", "cpu:1"]), size)
+    local = {v.path.split("/", 1)[1]: tuple(v.shape) for v in rank_local_model(family, size, 2).weights}
+    expected = {}
+    for v in whole.weights:
+        layout = lm[v.path]
+        axes = layout.axes if layout is not None else (None,) * len(v.shape)
+        expected[v.path.split("/", 1)[1]] = tuple(d // 2 if a == "model" else d for d, a in zip(v.shape, axes))
+    assert local == expected
+    assert any(local[k] != tuple(v.shape) for k, v in zip(local, whole.weights))  # something is split
+    ids = rank_local_batch(family, size, 2)
+    if family == "transformer":
+        assert int(ids.max()) < families.dims_for(family, size)["vocab"] // 2

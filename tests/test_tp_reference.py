@@ -48,9 +48,9 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
 
     out = tmp_path / "speed.json"
     assert speed.main(["--families", "mlp", "--size-mib", "0.25", "--repeats", "1", "--steps", "1",
-                       "--fit-batches", "1", "--json", str(out)]) == 0
+                       "--fit-batches", "1", "--floor", "--json", str(out)]) == 0
     runs = json.loads(out.read_text())["mlp"]
-    assert set(runs) == {"stock", "sharded", "reference"}
+    assert set(runs) == {"stock", "sharded", "reference", speed.FLOOR}
     for label, samples in runs.items():
         assert samples[0]["step_seconds"] > 0 and samples[0]["ops"]["aten_ops"] > 0 and samples[0]["load"] >= 0
         assert samples[0]["step_cpu_seconds"] > 0, label  # the step's work, measured in its own process
@@ -58,3 +58,5 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
     printed = capsys.readouterr().out
     assert "vs reference: step" in printed and "ops per step, reference" in printed
     assert "CPU ms per step, sharded" in printed and "vs reference per round" in printed
+    assert f"CPU ms per step, {speed.FLOOR}" in printed  # the floor, against the reference too
+    assert runs[speed.FLOOR][0]["ops"]["collectives"] == 0 == runs[speed.FLOOR][0]["ops"]["dtensor_dispatches"]

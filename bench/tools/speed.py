@@ -16,6 +16,9 @@ step's operators (`bench.tools.op_count`: ATen ops, collectives, DTensor dispatc
 min / median over repeats, the ratios of the medians against stock and against the reference,
 the per-round ratios, the counts, and rank 0's process CPU per step (the work, which other
 processes' load moves far less than wall time on a shared machine); ``--json`` writes every sample.
+``--floor`` adds stock Keras on one rank's shapes in each of the N ranks, without any
+communication (`bench.harness.rank_local`): of the gap between shardimpl and the reference, the
+part above this floor is the collectives' and shardimpl's, the part below it stock Keras' own.
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ def _ordinary_malloc() -> None:
 
 
 def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int,
-             all_column: bool = False) -> dict:
+             all_column: bool = False, one_rank_of: int | None = None) -> dict:
+    """One Keras variant's samples: stock (one process), sharded (this rank of N), or with
+    ``one_rank_of`` = N, stock Keras on one rank's shapes (`bench.harness.rank_local`: the floor)."""
     import keras
     import numpy as np
 
     from bench.harness.families import BATCH, HUB, build_model, layout_map, model_mesh, sample_batch, sample_targets
+    from bench.harness.rank_local import rank_local_batch, rank_local_model
     from bench.tools.op_count import count_ops
 
     _ordinary_malloc()
@@ -77,8 +83,10 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
         lm = _all_column_mlp_map(mesh) if all_column and family == "mlp" else layout_map(family, mesh, size)
         keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=lm, **kwargs))
     keras.utils.set_random_seed(1)
-    model = build_model(family, size)
-    batch = sample_batch(family, size)
+    if one_rank_of:
+        model, batch = rank_local_model(family, size, one_rank_of), rank_local_batch(family, size, one_rank_of)
+    else:
+        model, batch = build_model(family, size), sample_batch(family, size)
     x = {k: v.numpy() for k, v in batch.items()} if isinstance(batch, dict) else batch.numpy()
     optimizer = keras.optimizers.SGD(1e-4, momentum=0.9)
     if family in HUB:  # a CausalLM: next-token ids, its own loss (its default metrics need them too)
@@ -153,7 +161,11 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
             "ops": count_ops(lambda: tp_reference.reference_step(model, optimizer, x))}
 
 
-def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False, reference=True) -> dict:
+FLOOR = "stock, one rank's shapes"  # the --floor variant's label
+
+
+def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False, reference=True,
+            floor=False) -> dict:
     """Every variant of every family once per round, rounds repeated: {family: {label: [sample]}};
     each sample also holds the machine's load average (1 min) when its run started."""
     from shardimpl import launch
@@ -161,13 +173,15 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
     variants = [("stock", 1, False, False), ("sharded", ranks, True, False)]
     if reference:
         variants.append(("reference", ranks, None, False))
+    if floor:
+        variants.append((FLOOR, ranks, False, False))
     if all_column:
         variants.append(("sharded, all-column mlp", ranks, True, True))
     from bench.tools.tp_reference import REFERENCE_FAMILIES
 
-    def applies(family, label):  # the all-column map is the mlp's; references exist for some families
+    def applies(family, label):  # the all-column map is the mlp's; references and floors exist for some families
         return ((family == "mlp" or "all-column" not in label)
-                and (label != "reference" or family in REFERENCE_FAMILIES))
+                and (label not in ("reference", FLOOR) or family in REFERENCE_FAMILIES))
 
     samples = {f: {label: [] for label, *_ in variants if applies(f, label)} for f in families}
     for _ in range(repeats):
@@ -179,7 +193,8 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
                 if sharded is None:
                     rows = launch.run(run_reference, n, family, size, steps, fit_batches, timeout=900)
                 else:
-                    rows = launch.run(run_once, n, family, size, sharded, steps, fit_batches, columns, timeout=900)
+                    rows = launch.run(run_once, n, family, size, sharded, steps, fit_batches, columns,
+                                      n if label == FLOOR else None, timeout=900)
                 if rows[0].status != "ok":
                     raise SystemExit(f"{family} {label}: {rows[0].status}: {(rows[0].error or '').strip()[-500:]}")
                 samples[family][label].append({**rows[0].value, "load": load})
@@ -251,11 +266,14 @@ def main(argv=None) -> int:
                    help="also time the mlp with every kernel column-split (the slow layout, for comparison)")
     p.add_argument("--no-reference", action="store_true",
                    help="leave the hand-written tensor-parallel step (bench.tools.tp_reference) out")
+    p.add_argument("--floor", action="store_true",
+                   help="also time stock Keras on one rank's shapes in each of the N ranks, no communication "
+                        "(bench.harness.rank_local): what of the gap to the reference is Keras' own")
     p.add_argument("--json")
     args = p.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     samples = measure(families, int(args.size_mib * MiB), args.ranks, args.repeats, args.steps, args.fit_batches,
-                      args.all_column, reference=not args.no_reference)
+                      args.all_column, reference=not args.no_reference, floor=args.floor)
     print(f"min / median over {args.repeats} interleaved repeats, N={args.ranks}, {args.size_mib:g} MiB, "
           f"load average (1 min) at the runs' starts in brackets")
     print("\n".join(summary(samples)))
