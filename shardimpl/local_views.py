@@ -27,6 +27,16 @@ gave it). Gradients are the same either way (the round trip is the identity on t
 gradient); a chain of sharded layers then steps out of and back into DTensor once per layer
 instead of twice.
 
+A trainable parameter (a leaf DTensor that requires grad) whose gradient keeps its own layout
+(the default, with no Partial placement) is not stepped out of per use: ``to_local`` hands back
+one plain leaf per parameter that views its local tensor (same memory, same version counter).
+Autograd accumulates the local gradient there with no Python in between; a hook run right after
+moves it, wrapped in the parameter's layout, into the parameter's ``grad`` (summed with one
+already there), where Keras' trainer and optimizers read it. Per parameter and step this saves
+a ``_ToLocal`` node forward and backward, the DTensor ``detach`` of ``AccumulateGrad`` and the
+parameter's layout hook. (``torch.autograd.grad`` with respect to such a parameter does not see
+a local use of it: read ``.grad`` after ``backward()``, as Keras does.)
+
 ``sum_partial(x)``: a Partial(sum) DTensor summed over its partial axes (Megatron's g), as
 ``x.redistribute`` to Replicate there, with one ``torch.distributed.all_reduce`` per partial axis
 on a copy of the local tensor; its backward is the identity. DTensor's own redistribute goes
@@ -37,6 +47,7 @@ call measured on this machine (a 64 MiB mlp step at N = 2 makes two).
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate
@@ -128,10 +139,40 @@ def to_local(x: DTensor, grad_placements=None) -> torch.Tensor:
     default = _for_grad(placements)
     grads = default if grad_placements is None else tuple(grad_placements)
     if grads == default:
+        if x.is_leaf and x.requires_grad and grads == placements:
+            return _leaf_of(x)
         made = x.__dict__.get("_shardimpl_made")
         if made is not None and made[1] is x.grad_fn:
             return made[0].view_as(made[0])
     return _ToLocal.apply(x, placements, grads)
+
+
+def _leaf_of(param: DTensor) -> torch.Tensor:
+    """The plain leaf standing for a trainable DTensor's local tensor (module docstring): it views
+    the same memory; each gradient autograd accumulates into it moves, wrapped in the parameter's
+    own layout, into the parameter's ``grad`` (added to one already there)."""
+    local = param._local_tensor
+    kept = param.__dict__.get("_shardimpl_leaf")
+    if kept is not None and kept[0] is local:
+        return kept[1]
+    leaf = local.detach().requires_grad_()
+    spec = DTensorSpec(param.device_mesh, tuple(param.placements),
+                       tensor_meta=TensorMeta(param.shape, param.stride(), param.dtype))
+    owner = weakref.ref(param)
+
+    def move(leaf):
+        grad, target = leaf.grad, owner()
+        leaf.grad = None
+        if grad is None or target is None:
+            return
+        if isinstance(grad, DTensor):  # the leaf met a DTensor downstream: as in _ToLocal.backward
+            grad = grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim).to_local()
+        wrapped = DTensor.__new__(DTensor, grad, copy.copy(spec), requires_grad=False)
+        target.grad = wrapped if target.grad is None else target.grad + wrapped
+
+    leaf.register_post_accumulate_grad_hook(move)
+    param.__dict__["_shardimpl_leaf"] = (local, leaf)
+    return leaf
 
 
 def from_local(local: torch.Tensor, mesh, placements, shape=None, stride=None) -> DTensor:

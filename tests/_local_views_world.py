@@ -42,11 +42,14 @@ def views_match_dtensor():
 
     local_views.compute_global_tensor_info = counting
     for name, (placements, grads, loss) in to_local_cases.items():
-        ours = grad_of(lambda x: loss(local_views.to_local(x, grads)), placements)
         theirs = grad_of(lambda x: loss(x.to_local(grad_placements=grads)), placements)
-        out[f"to_local/{name}"] = _same(ours, theirs)
+        # of a parameter (a leaf: its local leaf where the layout allows) and of a computed DTensor
+        ours = grad_of(lambda x: loss(local_views.to_local(x, grads)), placements)
+        computed = grad_of(lambda x: loss(local_views.to_local(x * 1, grads)), placements)
+        out[f"to_local/{name}"] = _same(ours, theirs) and _same(computed, theirs)
     local_views.compute_global_tensor_info = own_rule
     out["transposed_gradients_seen"] = strided["calls"]
+    out.update(_parameter_leaf_cases(mesh, full))
 
     local = torch.arange(24, dtype=torch.float32).reshape(6, 4).requires_grad_()
     for name, (placements, loss) in {"same": ([Shard(1)], lambda d: (d * 2).sum()),
@@ -69,6 +72,34 @@ def views_match_dtensor():
         out["missing_shape_error"] = None
     except ValueError as e:
         out["missing_shape_error"] = str(e)
+    return out
+
+
+def _parameter_leaf_cases(mesh, full):
+    """A trainable DTensor's local uses go through one plain leaf per parameter: its gradient lands
+    in the parameter's ``grad`` in the parameter's layout, summed with DTensor uses of the same
+    parameter and across backward calls, and a replaced local tensor gets a new leaf."""
+    import torch
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from shardimpl import local_views
+
+    p = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(1)]))
+    leaf = local_views.to_local(p)
+    out = {"one_leaf_per_parameter": leaf is local_views.to_local(p) and leaf.is_leaf
+           and leaf.data_ptr() == p._local_tensor.data_ptr()}
+    (local_views.to_local(p) * 2).sum().backward()
+    out["leaf_gradient_in_parameter_layout"] = (
+        leaf.grad is None and tuple(p.grad.placements) == (Shard(1),)
+        and bool(torch.equal(p.grad.full_tensor(), torch.full_like(full, 2.0))))
+    ((local_views.to_local(p) * 3).sum() + (p * 5).sum().full_tensor()).backward()  # local and DTensor uses
+    out["leaf_and_dtensor_uses_accumulate"] = bool(torch.equal(p.grad.full_tensor(), torch.full_like(full, 10.0)))
+    with torch.no_grad():
+        p._local_tensor = p._local_tensor.clone()
+    out["replaced_local_tensor_new_leaf"] = local_views.to_local(p) is not leaf
+    with torch.no_grad():
+        p.mul_(0)
+    out["leaf_sees_in_place_updates"] = bool(local_views.to_local(p).abs().sum() == 0)
     return out
 
 

@@ -17,7 +17,11 @@ def test_cached_local_views_give_dtensors_own_gradients():
         for case in ("to_local/default", "to_local/given", "to_local/transposed", "from_local/same",
                      "from_local/other", "partial_forward_sums"):
             assert r[case] is True, (case, r)
-        assert r["transposed_gradients_seen"] == 1  # the transposed case took the strided path
+        assert r["transposed_gradients_seen"] == 1  # the computed transposed case took the strided path
+        for case in ("one_leaf_per_parameter", "leaf_gradient_in_parameter_layout",
+                     "leaf_and_dtensor_uses_accumulate", "replaced_local_tensor_new_leaf",
+                     "leaf_sees_in_place_updates"):
+            assert r[case] is True, (case, r)
         assert "pass shape=" in r["missing_shape_error"]
 
 
