@@ -27,15 +27,17 @@ gave it). Gradients are the same either way (the round trip is the identity on t
 gradient); a chain of sharded layers then steps out of and back into DTensor once per layer
 instead of twice.
 
-A trainable parameter (a leaf DTensor that requires grad) whose gradient keeps its own layout
+Inside `parameter_leaves()` (Keras' own train step: `shardimpl.keras.steps`), a trainable
+parameter (a leaf DTensor that requires grad) whose gradient keeps its own layout
 (the default, with no Partial placement) is not stepped out of per use: ``to_local`` hands back
 one plain leaf per parameter that views its local tensor (same memory, same version counter).
 Autograd accumulates the local gradient there with no Python in between; a hook run right after
 moves it, wrapped in the parameter's layout, into the parameter's ``grad`` (summed with one
 already there), where Keras' trainer and optimizers read it. Per parameter and step this saves
 a ``_ToLocal`` node forward and backward, the DTensor ``detach`` of ``AccumulateGrad`` and the
-parameter's layout hook. (``torch.autograd.grad`` with respect to such a parameter does not see
-a local use of it: read ``.grad`` after ``backward()``, as Keras does.)
+parameter's layout hook. Only where the gradients are read from ``.grad`` after ``backward()``,
+as Keras' trainer does: ``torch.autograd.grad`` with respect to the parameter would not see its
+local uses, so direct calls and users' own steps keep the ``_ToLocal`` node.
 
 ``sum_partial(x)``: a Partial(sum) DTensor summed over its partial axes (Megatron's g), as
 ``x.redistribute`` to Replicate there, with one ``torch.distributed.all_reduce`` per partial axis
@@ -46,7 +48,9 @@ call measured on this machine (a 64 MiB mlp step at N = 2 makes two).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import weakref
 
 import torch
@@ -55,7 +59,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
 from torch.distributed.tensor._utils import compute_global_tensor_info
 
-__all__ = ["to_local", "from_local", "sum_partial", "sum_over_groups", "contiguous_stride"]
+__all__ = ["to_local", "from_local", "sum_partial", "sum_over_groups", "contiguous_stride", "parameter_leaves"]
 
 _SPECS: dict = {}
 _MAX_SPECS = 4096  # distinct layouts of one program are a few hundred; a bound against leaks
@@ -131,6 +135,20 @@ class _FromLocal(torch.autograd.Function):
         return local.view_as(local), None
 
 
+_leaves = threading.local()
+
+
+@contextlib.contextmanager
+def parameter_leaves():
+    """In this thread, for the block: parameters' local uses go through their local leaves (module
+    docstring); their gradients are then read from ``.grad`` after ``backward()``."""
+    _leaves.depth = getattr(_leaves, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _leaves.depth -= 1
+
+
 def to_local(x: DTensor, grad_placements=None) -> torch.Tensor:
     """``x.to_local(grad_placements=...)`` with the gradient's layout built once (module docstring)."""
     if not torch.is_grad_enabled():
@@ -139,7 +157,7 @@ def to_local(x: DTensor, grad_placements=None) -> torch.Tensor:
     default = _for_grad(placements)
     grads = default if grad_placements is None else tuple(grad_placements)
     if grads == default:
-        if x.is_leaf and x.requires_grad and grads == placements:
+        if x.is_leaf and x.requires_grad and grads == placements and getattr(_leaves, "depth", 0):
             return _leaf_of(x)
         made = x.__dict__.get("_shardimpl_made")
         if made is not None and made[1] is x.grad_fn:

@@ -43,8 +43,9 @@ def views_match_dtensor():
     local_views.compute_global_tensor_info = counting
     for name, (placements, grads, loss) in to_local_cases.items():
         theirs = grad_of(lambda x: loss(x.to_local(grad_placements=grads)), placements)
-        # of a parameter (a leaf: its local leaf where the layout allows) and of a computed DTensor
-        ours = grad_of(lambda x: loss(local_views.to_local(x, grads)), placements)
+        # of a parameter (in a train step: its local leaf where the layout allows) and of a computed DTensor
+        with local_views.parameter_leaves():
+            ours = grad_of(lambda x: loss(local_views.to_local(x, grads)), placements)
         computed = grad_of(lambda x: loss(local_views.to_local(x * 1, grads)), placements)
         out[f"to_local/{name}"] = _same(ours, theirs) and _same(computed, theirs)
     local_views.compute_global_tensor_info = own_rule
@@ -85,6 +86,23 @@ def _parameter_leaf_cases(mesh, full):
     from shardimpl import local_views
 
     p = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(1)]))
+    # outside parameter_leaves() (direct calls, users' own steps): a _ToLocal node, which
+    # torch.autograd.grad with respect to the parameter sees
+    outside = local_views.to_local(p)
+    (grad,) = torch.autograd.grad((outside * 2).sum(), [p])
+    out = {"outside_autograd_grad_sees_it": not outside.is_leaf and tuple(grad.placements) == (Shard(1),)
+           and bool(torch.equal(grad.full_tensor(), torch.full_like(full, 2.0)))}
+    with local_views.parameter_leaves():
+        out.update(_inside_parameter_leaves(p, full))
+    return out
+
+
+def _inside_parameter_leaves(p, full):
+    import torch
+    from torch.distributed.tensor import Shard
+
+    from shardimpl import local_views
+
     leaf = local_views.to_local(p)
     out = {"one_leaf_per_parameter": leaf is local_views.to_local(p) and leaf.is_leaf
            and leaf.data_ptr() == p._local_tensor.data_ptr()}

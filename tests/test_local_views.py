@@ -18,7 +18,7 @@ def test_cached_local_views_give_dtensors_own_gradients():
                      "from_local/other", "partial_forward_sums"):
             assert r[case] is True, (case, r)
         assert r["transposed_gradients_seen"] == 1  # the computed transposed case took the strided path
-        for case in ("one_leaf_per_parameter", "leaf_gradient_in_parameter_layout",
+        for case in ("outside_autograd_grad_sees_it", "one_leaf_per_parameter", "leaf_gradient_in_parameter_layout",
                      "leaf_and_dtensor_uses_accumulate", "replaced_local_tensor_new_leaf",
                      "leaf_sees_in_place_updates"):
             assert r[case] is True, (case, r)

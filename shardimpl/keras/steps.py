@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from shardimpl.keras.active import current_distribution
 from shardimpl.keras.context import step_context
 from shardimpl.layout import local_shard_bounds
+from shardimpl.local_views import parameter_leaves
 from shardimpl.rendezvous import explain
 from shardimpl.mesh import kept_axes, local_device, mesh_coordinate, to_torch_mesh
 
@@ -143,13 +144,16 @@ def agree_host_rng() -> None:
 
 
 def wrap_step(original):
+    """Keras' torch train / test step under a distribution: the batch laid out, the step in
+    `step_context`, and parameters' local uses through their local leaves (Keras' step reads the
+    gradients from ``.grad``: `shardimpl.local_views.parameter_leaves`)."""
     @functools.wraps(original)
     def step(self, data):
         distribution = _distribution()
         if distribution is None:
             return original(self, data)
         data = distribute_batch(data, distribution)
-        with step_context():
+        with step_context(), parameter_leaves():
             return original(self, data)
 
     return step
