@@ -90,6 +90,15 @@ def _for_grad(placements) -> tuple:
     return tuple(Replicate() if p.is_partial() else p for p in placements)
 
 
+def _plain_gradient(grad):
+    """A local tensor's gradient as a plain tensor. Where the local tensor met a DTensor downstream
+    (a loss scaled by a replicated LossScaleOptimizer variable), DTensor took it as replicated, so
+    the gradient is a DTensor shaped like the local tensor: summed where partial, its local tensor."""
+    if isinstance(grad, DTensor):
+        return grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim).to_local()
+    return grad
+
+
 class _ToLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, placements, grad_placements):
@@ -103,11 +112,7 @@ class _ToLocal(torch.autograd.Function):
         if grad is None:
             return None, None, None
         mesh, placements, grad_placements, shape, dtype = ctx.meta
-        if isinstance(grad, DTensor):
-            # The local tensor met a DTensor downstream (a loss scaled by a replicated
-            # LossScaleOptimizer variable): DTensor took it as replicated, so the gradient is a
-            # DTensor shaped like the local tensor; summed where partial, its local tensor is ours.
-            grad = grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim).to_local()
+        grad = _plain_gradient(grad)
         if grad.is_contiguous():
             stride = contiguous_stride(shape)
         else:  # e.g. a transposed einsum gradient: its own stride, made global (DTensor's rule)
@@ -183,8 +188,7 @@ def _leaf_of(param: DTensor) -> torch.Tensor:
         leaf.grad = None
         if grad is None or target is None:
             return
-        if isinstance(grad, DTensor):  # the leaf met a DTensor downstream: as in _ToLocal.backward
-            grad = grad.redistribute(grad.device_mesh, [Replicate()] * grad.device_mesh.ndim).to_local()
+        grad = _plain_gradient(grad)
         wrapped = DTensor.__new__(DTensor, grad, copy.copy(spec), requires_grad=False)
         target.grad = wrapped if target.grad is None else target.grad + wrapped
 
