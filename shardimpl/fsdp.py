@@ -332,21 +332,21 @@ def regather_hooks(pack_other=None):
         yield
 
 
-@contextlib.contextmanager
 def local_saves():
     """Ops run on local blocks inside it save their tensors as they are when the active
     saved-tensor hooks are `regather_hooks`' (whose other-packing would wrap them), and
-    under any other hooks (``torch.utils.checkpoint``'s, i.e. ``keras.RematScope``) leave
-    those hooks in charge, so a rematerialized block keeps only its input.
+    under any other hooks (``torch.utils.checkpoint``'s, i.e. ``keras.RematScope``) or none
+    leave things as they are, so a rematerialized block keeps only its input.
 
     Reads torch's private ``_top_saved_tensors_default_hooks`` (torch 2.6-2.13).
     """
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if top is not None and getattr(top[0], "_shardimpl_regather", False):
-        with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
-            yield
-    else:
-        yield
+        return torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
+    return _NOTHING
+
+
+_NOTHING = contextlib.nullcontext()
 
 
 def _identity(t):

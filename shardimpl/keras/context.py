@@ -23,14 +23,22 @@ __all__ = ["within_shardimpl", "is_within", "step_context", "layer_call", "in_la
 _local = threading.local()
 
 
-@contextlib.contextmanager
-def _counting(name: str):
-    """This thread's counter ``name`` one higher while the block runs (blocks nest)."""
-    setattr(_local, name, getattr(_local, name, 0) + 1)
-    try:
-        yield
-    finally:
-        setattr(_local, name, getattr(_local, name) - 1)
+class _counting:
+    """This thread's counter ``name`` one higher while the block runs (blocks nest). A class,
+    not a generator: entered around every layer call of a step (a generator-based context
+    manager costs about three times as much)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        setattr(_local, self.name, getattr(_local, self.name, 0) + 1)
+
+    def __exit__(self, *exc):
+        setattr(_local, self.name, getattr(_local, self.name) - 1)
+        return False
 
 
 def is_within() -> bool:
@@ -58,15 +66,19 @@ def sharded_reads():
 
 
 @contextlib.contextmanager
-def step_context(pack_other=None):
+def step_context(pack_other=None, regather: bool = True):
     """Mixed plain/DTensor ops allowed, attention through decomposable math ops, gathered
-    weights saved as re-gather tokens (``pack_other`` packs every other saved tensor)."""
+    weights saved as re-gather tokens (``pack_other`` packs every other saved tensor).
+
+    ``regather=False`` (a step under a distribution without a data axis: nothing is gathered
+    for FSDP) and no ``pack_other``: no saved-tensor hooks at all, so every tensor an op saves
+    is saved as it is, with no Python call per saved tensor forward and backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from shardimpl.fsdp import regather_hooks
 
-    with within_shardimpl(), _implicit_replication(), sdpa_kernel([SDPBackend.MATH]), \
-            regather_hooks(pack_other):
+    hooks = regather_hooks(pack_other) if pack_other is not None or regather else contextlib.nullcontext()
+    with within_shardimpl(), _implicit_replication(), sdpa_kernel([SDPBackend.MATH]), hooks:
         yield
 
 

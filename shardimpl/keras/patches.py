@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardimpl.keras import (attention, backend, calls, dense, local_scoring, losses, norms, optimizers, ops, remat,
-                             rules, saving, steps, variables)
+from shardimpl.keras import (attention, backend, calls, dense, layout_lookup, local_scoring, losses, norms, optimizers,
+                             ops, remat, rules, saving, steps, variables)
 from shardimpl.keras.compat import (keras_distribution_lib, keras_ops_nn, torch_core, torch_layer_class, torch_nn,
                                    torch_numpy, torch_parallel_optimizer_class, torch_trainer_class)
 
@@ -128,6 +128,9 @@ def patch_table() -> list[Patch]:
         Patch("keras.src.backend", "distribution_lib",
               "the same backend module, where Keras' backend package exposes it",
               _one(keras_backend_pkg), lambda _: backend),
+        Patch("keras.src.distribution.distribution_lib.LayoutMap", "__getitem__",
+              "a path's matching key is remembered: a layer call's output-layout lookup runs no regex "
+              "per call", lambda: [keras_distribution_lib().LayoutMap], layout_lookup.wrap_getitem),
         Patch("keras.src.distribution.distribution_lib.TensorLayout", "_validate_axes",
               "a layout entry may name several mesh axes, e.g. ((\"batch\", \"model\"), None)",
               lambda: [keras_distribution_lib().TensorLayout], backend.wrap_validate_axes),

@@ -153,7 +153,8 @@ def wrap_step(original):
         if distribution is None:
             return original(self, data)
         data = distribute_batch(data, distribution)
-        with step_context(), parameter_leaves():
+        # Without a data axis nothing is gathered for FSDP: no saved-tensor hooks in the step.
+        with step_context(regather=data_axis(distribution) is not None), parameter_leaves():
             return original(self, data)
 
     return step
