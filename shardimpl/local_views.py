@@ -59,7 +59,8 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
 from torch.distributed.tensor._utils import compute_global_tensor_info
 
-__all__ = ["to_local", "from_local", "sum_partial", "sum_over_groups", "contiguous_stride", "parameter_leaves"]
+__all__ = ["to_local", "from_local", "from_spec", "layout_of", "sum_partial", "sum_over_groups", "contiguous_stride",
+           "parameter_leaves"]
 
 _SPECS: dict = {}
 _MAX_SPECS = 4096  # distinct layouts of one program are a few hundred; a bound against leaks
@@ -75,15 +76,16 @@ def contiguous_stride(shape) -> tuple:
 
 
 def _spec(mesh, placements: tuple, shape: tuple, stride: tuple, dtype) -> DTensorSpec:
-    """The layout, built once per key; each caller gets its own shallow copy, as DTensor's
-    own ``to_local`` backward does, so that sharding propagation never edits a shared one."""
+    """The layout, built once per key. Shared: each DTensor made with it gets its own shallow
+    copy, as DTensor's own ``to_local`` backward does, so that sharding propagation never edits
+    a shared one."""
     key = (mesh, placements, shape, stride, dtype)
     spec = _SPECS.get(key)
     if spec is None:
         if len(_SPECS) >= _MAX_SPECS:
             _SPECS.clear()
         spec = _SPECS[key] = DTensorSpec(mesh, placements, tensor_meta=TensorMeta(torch.Size(shape), stride, dtype))
-    return copy.copy(spec)
+    return spec
 
 
 def _for_grad(placements) -> tuple:
@@ -117,7 +119,7 @@ class _ToLocal(torch.autograd.Function):
             stride = contiguous_stride(shape)
         else:  # e.g. a transposed einsum gradient: its own stride, made global (DTensor's rule)
             stride = tuple(compute_global_tensor_info(grad, mesh, placements)[1])
-        spec = _spec(mesh, grad_placements, shape, stride, grad.dtype)
+        spec = copy.copy(_spec(mesh, grad_placements, shape, stride, grad.dtype))
         return DTensor(grad, spec, requires_grad=grad.requires_grad), None, None
 
 
@@ -208,7 +210,19 @@ def from_local(local: torch.Tensor, mesh, placements, shape=None, stride=None) -
         shape, stride = tuple(local.shape), tuple(local.stride())
     shape = tuple(shape)
     stride = contiguous_stride(shape) if stride is None else tuple(stride)
-    spec = _spec(mesh, placements, shape, stride, local.dtype)
+    return from_spec(local, _spec(mesh, placements, shape, stride, local.dtype))
+
+
+def layout_of(mesh, placements, shape, dtype, stride=None):
+    """The layout `from_local` gives a ``dtype`` tensor of global ``shape`` laid out as
+    ``placements`` (a contiguous stride unless given), for `from_spec`."""
+    shape = tuple(shape)
+    return _spec(mesh, tuple(placements), shape, contiguous_stride(shape) if stride is None else tuple(stride), dtype)
+
+
+def from_spec(local: torch.Tensor, spec) -> DTensor:
+    """`from_local` with the layout built by the caller (`layout_of`), e.g. once per layer."""
+    spec = copy.copy(spec)
     if not torch.is_grad_enabled():
         return DTensor(local, spec, requires_grad=False)
     out = _FromLocal.apply(local, spec)
@@ -276,5 +290,5 @@ def sum_partial(x: DTensor) -> DTensor:
     if any(getattr(placements[a], "reduce_op", None) != "sum" for a in partial):
         return x.redistribute(x.device_mesh, summed)
     mesh = x.device_mesh
-    spec = _spec(mesh, summed, tuple(x.shape), contiguous_stride(x.shape), x.dtype)  # the sum is a contiguous copy
+    spec = copy.copy(_spec(mesh, summed, tuple(x.shape), contiguous_stride(x.shape), x.dtype))  # a contiguous copy
     return _SumPartial.apply(x, [mesh.get_group(a) for a in partial], spec)

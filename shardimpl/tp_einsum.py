@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from shardimpl.fsdp import is_gathered, local_saves
 from shardimpl.local_views import from_local, sum_partial, to_local
 
-__all__ = ["local_einsum", "local_einsum_parts", "dense_equation"]
+__all__ = ["local_einsum", "local_einsum_parts", "dense_equation", "local_input", "contract"]
 
 
 class _AllReduceGrad(torch.autograd.Function):
@@ -148,9 +148,14 @@ def local_einsum(equation: str, x, w):
     return from_local(y, mesh, placements, shape)
 
 
-def local_einsum_parts(equation: str, x, w):
+def local_einsum_parts(equation: str, x, w, record: dict | None = None):
     """`local_einsum` before its result is wrapped: (local output, mesh, its placements, its
-    global shape), for a caller that goes on with local math (Dense's bias and activation)."""
+    global shape), for a caller that goes on with local math (Dense's bias and activation).
+
+    ``record``, if given, receives the call's decisions where another call with an input laid
+    out the same way would make them again unchanged (`shardimpl.keras.dense_plan`): the
+    equation and the input's and kernel's gradient placements and reduced axes; left empty where
+    the input had to be summed or re-laid out first."""
     if not isinstance(w, DTensor) or not isinstance(x, torch.Tensor) or is_gathered(w):
         return None  # a weight gathered for FSDP: DTensor's einsum saves it as a re-gather token
     mesh = w.device_mesh
@@ -158,17 +163,20 @@ def local_einsum_parts(equation: str, x, w):
         x = from_local(x, mesh, [Replicate()] * mesh.ndim)
     elif x.device_mesh != mesh or x.dtype != w.dtype:
         return None
+    given = x
     x = _settle_input(equation, x, w)
     plan = _plan(equation, x, w) if x is not None else None
     if plan is None:
         return None
     placements, gx, gw, reduce_axes = plan
-    x_local = _local_input(x, gx, reduce_axes, mesh)
+    x_local = local_input(x, gx, reduce_axes, mesh)
     with local_saves():
         # Saved as they are under a direct call's hooks (which would save them as replicated
         # DTensors, which a local backward cannot take); remat's checkpoint hooks stay in charge.
-        y = _contract(equation, x_local, to_local(w, gw))
+        y = contract(equation, x_local, to_local(w, gw))
     shape = torch.Size((x.shape[i] if operand == 0 else w.shape[i]) for operand, i in _output_dims(equation))
+    if record is not None and x is given:
+        record.update(equation=equation, gx=gx, gw=gw, reduce_axes=reduce_axes)
     return y, mesh, placements, shape
 
 
@@ -216,7 +224,7 @@ def _wanted_input(letters, x_ndim: int, w_ndim: int, x_placements: tuple, w_plac
     return tuple(wanted)
 
 
-def _local_input(x: DTensor, gx, reduce_axes, mesh):
+def local_input(x: DTensor, gx, reduce_axes, mesh):
     """``x``'s local tensor, whose gradient is all-reduced over ``reduce_axes`` in backward.
 
     Several column-parallel layers that read the same input (attention's query, key and value;
@@ -234,7 +242,7 @@ def _local_input(x: DTensor, gx, reduce_axes, mesh):
     return x_local
 
 
-def _contract(equation: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def contract(equation: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``torch.einsum(equation, x, w)`` on local blocks, as one matmul where the equation is one:
     the input's trailing letters are the kernel's leading ones and the output is the input's
     other letters then the kernel's (Dense '...y,yz->...z', attention's 'abc,cde->abde' and

@@ -21,7 +21,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
-from shardimpl.local_views import from_local, sum_over_groups, sum_partial, to_local
+from shardimpl.keras import dense_plan
+from shardimpl.local_views import from_local, from_spec, layout_of, sum_over_groups, sum_partial, to_local
 from shardimpl.tp_einsum import dense_equation, local_einsum_parts
 
 #: Keras activations that act on each element alone: they give the same values on a block.
@@ -82,9 +83,10 @@ def _bias_grad_placements(bias, placements, ndim):
     return grads
 
 
-def _finish_local(layer, parts):
+def _finish_local(layer, parts, record: dict | None = None):
     """Bias and activation on the local block, wrapped once; None where they cannot run there.
-    A Partial output with a bias or an activation is summed first (one all-reduce, as `_finish`)."""
+    A Partial output with a bias or an activation is summed first (one all-reduce, as `_finish`).
+    ``record`` (`shardimpl.tp_einsum.local_einsum_parts`') gets the decisions made here too."""
     from keras import activations
 
     y, mesh, placements, shape = parts
@@ -92,27 +94,41 @@ def _finish_local(layer, parts):
         return None
     partial = any(p.is_partial() for p in placements)
     if partial and layer.bias is None and layer.activation in (None, activations.linear):
-        return from_local(y, mesh, placements, shape)  # stays Partial: reduced once, where laid out
+        # Stays Partial: reduced once, where laid out.
+        return _wrapped(y, mesh, placements, shape, record, sum_groups=(), bias=None, bias_grads=None,
+                        apply_activation=False)
     summed = tuple(Replicate() if p.is_partial() else p for p in placements)
     bias = _local_bias(layer, mesh, summed, shape, y.dtype)
     if bias is False:
         return None
+    bias, bias_grads = bias if bias is not None else (None, None)
+    groups = ()
     if partial:  # summed on the local block: one all-reduce per partial axis (as sum_partial)
         partial_axes = [a for a, p in enumerate(placements) if p.is_partial()]
         if any(getattr(placements[a], "reduce_op", None) != "sum" for a in partial_axes):
             return None
-        y, placements = sum_over_groups(y, [mesh.get_group(a) for a in partial_axes]), summed
+        groups = tuple(mesh.get_group(a) for a in partial_axes)
+        y, placements = sum_over_groups(y, groups), summed
     with local_saves():
         if bias is not None:
-            y = y + bias
+            y = y + to_local(bias, bias_grads)
         if layer.activation is not None:
             y = layer.activation(y)
-    return from_local(y, mesh, placements, shape)
+    return _wrapped(y, mesh, placements, shape, record, sum_groups=groups, bias=bias, bias_grads=bias_grads,
+                    apply_activation=layer.activation is not None)
+
+
+def _wrapped(y, mesh, placements, shape, record, *, bias, **decisions):
+    """``y`` wrapped in its layout; the whole call's decisions added to ``record`` (if any)."""
+    spec = layout_of(mesh, placements, shape, y.dtype)
+    if record:  # the einsum's decisions were recordable: so are these
+        record.update(decisions, bias_value=bias, out_spec=spec)
+    return from_spec(y, spec)
 
 
 def _local_bias(layer, mesh, placements, shape, dtype):
-    """The bias's local block for an output laid out as ``placements`` (its gradient laid out to
-    match), None without a bias, False where the bias's layout does not fit the output's block."""
+    """(the bias DTensor, its gradient placements) for a local add to an output laid out as
+    ``placements``, None without a bias, False where the bias's layout does not fit the block."""
     if layer.bias is None:
         return None
     from keras.src import ops
@@ -122,24 +138,32 @@ def _local_bias(layer, mesh, placements, shape, dtype):
             and tuple(bias.shape) == (shape[-1],)):
         return False
     grads = _bias_grad_placements(bias, placements, len(shape))
-    return False if grads is None else to_local(bias, grads)
+    return False if grads is None else (bias, tuple(grads))
 
 
 def _wrap(original, equation_of):
     @functools.wraps(original)
     def call(self, inputs, training=None):
-        kernel = _kernel(self) if is_within() else None
-        parts = None
+        if not is_within():
+            return original(self, inputs, training=training)
+        plan = dense_plan.planned(self, inputs)
+        if plan is not None:
+            return dense_plan.run(plan, inputs)
+        dense_plan.forget(self)
+        kernel = _kernel(self)
+        parts, record = None, {}
         if kernel is not None:
             equation = equation_of(self, inputs)
-            parts = local_einsum_parts(equation, inputs, kernel) if equation else None
+            parts = local_einsum_parts(equation, inputs, kernel, record) if equation else None
         if parts is None:
             return original(self, inputs, training=training)
-        out = _finish_local(self, parts)
-        if out is not None:
-            return out
-        y, mesh, placements, shape = parts
-        return _finish(self, from_local(y, mesh, placements, shape))
+        out = _finish_local(self, parts, record)
+        if out is None:
+            y, mesh, placements, shape = parts
+            return _finish(self, from_local(y, mesh, placements, shape))
+        if "out_spec" in record:
+            dense_plan.remember(self, kernel, inputs, record)
+        return out
 
     return call
 

@@ -1,0 +1,112 @@
+"""A sharded Dense / EinsumDense call's decisions, made once per layer and input layout.
+
+`shardimpl.keras.dense` decides on every call how a layer with a DTensor kernel runs on the
+local blocks: the kernel as the call reads it (autocast, FSDP), the row of
+`shardimpl.tp_einsum`'s table, the output's layout and global shape, the bias's gradient
+layout, whether the activation is elementwise. In a training loop each call of a layer asks
+the same questions and gets the same answers: measured on this machine, about 0.1 ms of Python
+per call on one core, 22 calls per step of the 3-block transformer.
+
+A `Plan` keeps those answers on the layer for the input layout, shape and dtype they were made
+for. A later call takes it (`planned`) only while everything it was made from still holds: the
+layer reads the very same kernel and bias DTensors (a variable assigned a new value, a cast
+or an FSDP gather gives another object), the same activation, the same distribution, no LoRA
+or quantization; then the call costs the local matmul, the autograd nodes of
+`shardimpl.local_views` and these checks. Anything else runs the full path, which records a
+new plan where one applies. The math and the collectives are the full path's own: the plan
+only skips deciding them again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from shardimpl.fsdp import local_saves
+from shardimpl.keras.active import current_distribution
+from shardimpl.local_views import from_spec, sum_over_groups, to_local
+from shardimpl.tp_einsum import contract, local_input
+
+__all__ = ["Plan", "planned", "run", "remember", "forget"]
+
+_ATTRIBUTE = "_shardimpl_dense_plan"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a call with this input layout does (module docstring); ``out_spec`` is the output's
+    layout, built once."""
+
+    distribution: object
+    kernel: DTensor
+    bias: DTensor | None
+    activation: object
+    x_placements: tuple
+    x_shape: torch.Size
+    x_dtype: torch.dtype
+    equation: str
+    gx: tuple
+    gw: tuple
+    reduce_axes: tuple
+    sum_groups: tuple  # groups a Partial output is summed over before its bias / activation
+    bias_grads: tuple | None
+    apply_activation: bool
+    out_spec: object
+
+
+def _reads(layer):
+    """(kernel, bias) DTensors as the layer holds them, or None under LoRA or quantization."""
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        return None
+    kernel = getattr(getattr(layer, "_kernel", None), "_value", None)
+    bias_variable = getattr(layer, "bias", None)
+    return kernel, (None if bias_variable is None else getattr(bias_variable, "_value", None))
+
+
+def planned(layer, x):
+    """The layer's plan if it applies to this call (module docstring), else None."""
+    plan = layer.__dict__.get(_ATTRIBUTE)
+    if plan is None or not isinstance(x, DTensor):
+        return None
+    reads = _reads(layer)
+    if (reads is None or reads[0] is not plan.kernel or reads[1] is not plan.bias
+            or layer.activation is not plan.activation or x.dtype != plan.x_dtype
+            or x.shape != plan.x_shape or tuple(x.placements) != plan.x_placements
+            or current_distribution() is not plan.distribution):
+        return None
+    return plan
+
+
+def run(plan: Plan, x: DTensor) -> DTensor:
+    """The call, as the full path runs it, with the plan's decisions."""
+    x_local = local_input(x, plan.gx, plan.reduce_axes, plan.out_spec.mesh)
+    with local_saves():
+        y = contract(plan.equation, x_local, to_local(plan.kernel, plan.gw))
+    if plan.sum_groups:
+        y = sum_over_groups(y, plan.sum_groups)
+    with local_saves():
+        if plan.bias is not None:
+            y = y + to_local(plan.bias, plan.bias_grads)
+        if plan.apply_activation:
+            y = plan.activation(y)
+    return from_spec(y, plan.out_spec)
+
+
+def remember(layer, kernel, x, record: dict) -> None:
+    """Keep a plan on ``layer`` for calls like this one, from the full path's ``record``: only
+    where that call read the layer's own kernel and bias DTensors as they are (no cast, no
+    gather) from a DTensor input."""
+    reads = _reads(layer)
+    bias = record.pop("bias_value")
+    if reads is None or reads[0] is not kernel or reads[1] is not bias or not isinstance(x, DTensor):
+        return
+    layer.__dict__[_ATTRIBUTE] = Plan(
+        distribution=current_distribution(), kernel=kernel, bias=bias, activation=layer.activation,
+        x_placements=tuple(x.placements), x_shape=x.shape, x_dtype=x.dtype, **record)
+
+
+def forget(layer) -> None:
+    """Drop the layer's plan (the call did not match it)."""
+    layer.__dict__.pop(_ATTRIBUTE, None)
