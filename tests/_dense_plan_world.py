@@ -1,0 +1,82 @@
+"""Rank-side checks of `shardimpl.keras.dense_plan`: a sharded Dense call with its decisions kept
+gives what the full path gives, and is not taken once what it was made from changed."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+
+def _model(seed):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((16,), batch_size=8)
+    h = keras.layers.Dense(32, activation="relu", name="col")(inputs)  # column-split, bias split
+    h = keras.layers.Dense(16, name="row")(h)                          # row-split with a bias: summed
+    out = keras.layers.Dense(16, use_bias=False, name="row_nobias")(keras.layers.Dense(32, activation="silu", name="col2")(h))
+    model = keras.Model(inputs, out)
+    model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9), loss="mse")
+    return model
+
+
+def plans_match_the_full_path(steps=3):
+    """Two identical models trained side by side, one with plans, one without: per-step losses,
+    final weights (bitwise), how many calls took a plan; then a changed activation and a new
+    batch size, which must not take the old plan."""
+    import keras
+    import numpy as np
+
+    import shardimpl
+    from shardimpl.keras import dense_plan
+
+    shardimpl.install()
+    mesh = keras.distribution.DeviceMesh((2,), ["model"], keras.distribution.list_devices())
+    lm = keras.distribution.LayoutMap(mesh)
+    lm["col.*/kernel"] = (None, "model")
+    lm["col/bias"] = ("model",)
+    lm["col2/bias"] = ("model",)
+    lm["row.*/kernel"] = ("model", None)
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=lm))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 16)).astype("float32"), rng.normal(size=(8, 16)).astype("float32")
+
+    real = dense_plan.planned
+    hits = []
+
+    def counted(layer, inputs):
+        plan = real(layer, inputs)
+        hits.append((layer.name, plan is not None))
+        return plan
+
+    planned_model, full_model = _model(1), _model(2)
+    full_model.set_weights(planned_model.get_weights())
+    losses = {"planned": [], "full": []}
+    for _ in range(steps):
+        dense_plan.planned = counted
+        losses["planned"].append(float(planned_model.train_on_batch(x, y)))
+        dense_plan.planned = lambda layer, inputs: None
+        losses["full"].append(float(full_model.train_on_batch(x, y)))
+    dense_plan.planned = counted
+    out = {"losses_equal": losses["planned"] == losses["full"],
+           "weights_equal": all(np.array_equal(a, b) for a, b in zip(planned_model.get_weights(), full_model.get_weights())),
+           # The last step's calls: the first layer reads the plain batch (never planned), the others DTensors.
+           "last_step": hits[-4:]}
+
+    # A changed activation: the old plan must not run (the output follows the new activation).
+    planned_model.get_layer("col2").activation = keras.activations.get("tanh")
+    full_model.get_layer("col2").activation = keras.activations.get("tanh")
+    hits.clear()
+    a = [planned_model.predict_on_batch(x) for _ in range(2)]  # the second call runs the new plan
+    dense_plan.planned = lambda layer, inputs: None
+    b = full_model.predict_on_batch(x)
+    dense_plan.planned = counted
+    out["changed_activation_equal"] = all(bool(np.array_equal(one, b)) for one in a)
+    out["changed_activation_call_missed"] = hits[:4] == [("col", False), ("row", True), ("col2", False), ("row_nobias", True)]
+    out["changed_activation_replanned"] = hits[4:8] == [("col", False), ("row", True), ("col2", True), ("row_nobias", True)]
+    # Another batch size: another input shape, no plan taken for it at first.
+    hits.clear()
+    planned_model.predict_on_batch(x[:4])
+    out["new_shape_second_layer_missed"] = hits[1] == ("row", False)
+    return out
