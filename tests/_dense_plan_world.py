@@ -75,6 +75,19 @@ def plans_match_the_full_path(steps=3):
     out["changed_activation_equal"] = all(bool(np.array_equal(one, b)) for one in a)
     out["changed_activation_call_missed"] = hits[:4] == [("col", False), ("row", True), ("col2", False), ("row_nobias", True)]
     out["changed_activation_replanned"] = hits[4:8] == [("col", False), ("row", True), ("col2", True), ("row_nobias", True)]
+    # A kernel DTensor replaced by another object (its values doubled): not the planned one.
+    import torch
+
+    for model in (planned_model, full_model):
+        variable = model.get_layer("row_nobias")._kernel
+        variable._value = torch.nn.Parameter(variable._value.detach() * 2)
+    hits.clear()
+    a = planned_model.predict_on_batch(x)
+    dense_plan.planned = lambda layer, inputs: None
+    b = full_model.predict_on_batch(x)
+    dense_plan.planned = counted
+    out["replaced_kernel_equal"] = bool(np.array_equal(a, b))
+    out["replaced_kernel_missed"] = hits[3] == ("row_nobias", False)
     # Another batch size: another input shape, no plan taken for it at first.
     hits.clear()
     planned_model.predict_on_batch(x[:4])

@@ -18,4 +18,5 @@ def test_planned_calls_train_exactly_as_the_full_path_and_a_changed_layer_is_rep
         # The first layer reads the plain batch (never planned); every other call of the last step is.
         assert r["last_step"] == [("col", False), ("row", True), ("col2", True), ("row_nobias", True)], r
         assert r["changed_activation_equal"] and r["changed_activation_call_missed"] and r["changed_activation_replanned"], r
+        assert r["replaced_kernel_equal"] and r["replaced_kernel_missed"], r
         assert r["new_shape_second_layer_missed"], r

@@ -13,12 +13,14 @@ layer reads the very same kernel and bias DTensors (a variable assigned a new va
 or an FSDP gather gives another object), the same activation, the same distribution, no LoRA
 or quantization; then the call costs the local matmul, the autograd nodes of
 `shardimpl.local_views` and these checks. Anything else runs the full path, which records a
-new plan where one applies. The math and the collectives are the full path's own: the plan
+new plan where one applies. A plan holds the kernel and bias weakly: it never keeps a replaced
+shard alive. The math and the collectives are the full path's own: the plan
 only skips deciding them again.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +42,8 @@ class Plan:
     layout, built once."""
 
     distribution: object
-    kernel: DTensor
-    bias: DTensor | None
+    kernel: weakref.ref  # to the kernel DTensor: a plan never keeps a replaced shard alive
+    bias: weakref.ref | None
     activation: object
     x_placements: tuple
     x_shape: torch.Size
@@ -71,7 +73,7 @@ def planned(layer, x):
     if plan is None or not isinstance(x, DTensor):
         return None
     reads = _reads(layer)
-    if (reads is None or reads[0] is not plan.kernel or reads[1] is not plan.bias
+    if (reads is None or reads[0] is not plan.kernel() or reads[1] is not _deref(plan.bias)
             or layer.activation is not plan.activation or x.dtype != plan.x_dtype
             or x.shape != plan.x_shape or tuple(x.placements) != plan.x_placements
             or current_distribution() is not plan.distribution):
@@ -83,12 +85,12 @@ def run(plan: Plan, x: DTensor) -> DTensor:
     """The call, as the full path runs it, with the plan's decisions."""
     x_local = local_input(x, plan.gx, plan.reduce_axes, plan.out_spec.mesh)
     with local_saves():
-        y = contract(plan.equation, x_local, to_local(plan.kernel, plan.gw))
+        y = contract(plan.equation, x_local, to_local(plan.kernel(), plan.gw))
     if plan.sum_groups:
         y = sum_over_groups(y, plan.sum_groups)
     with local_saves():
         if plan.bias is not None:
-            y = y + to_local(plan.bias, plan.bias_grads)
+            y = y + to_local(plan.bias(), plan.bias_grads)
         if plan.apply_activation:
             y = plan.activation(y)
     return from_spec(y, plan.out_spec)
@@ -103,8 +105,13 @@ def remember(layer, kernel, x, record: dict) -> None:
     if reads is None or reads[0] is not kernel or reads[1] is not bias or not isinstance(x, DTensor):
         return
     layer.__dict__[_ATTRIBUTE] = Plan(
-        distribution=current_distribution(), kernel=kernel, bias=bias, activation=layer.activation,
+        distribution=current_distribution(), kernel=weakref.ref(kernel),
+        bias=None if bias is None else weakref.ref(bias), activation=layer.activation,
         x_placements=tuple(x.placements), x_shape=x.shape, x_dtype=x.dtype, **record)
+
+
+def _deref(ref):
+    return None if ref is None else ref()
 
 
 def forget(layer) -> None:
