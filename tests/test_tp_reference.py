@@ -47,10 +47,13 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
     from bench.tools import speed
 
     out = tmp_path / "speed.json"
-    assert speed.main(["--families", "mlp", "--size-mib", "0.25", "--repeats", "1", "--steps", "1",
-                       "--fit-batches", "1", "--floor", "--json", str(out)]) == 0
+    assert speed.main(["--families", "mlp", "--size-mib", "0.25", "--repeats", "1", "--steps", "2",
+                       "--fit-batches", "1", "--floor", "--paired", "--json", str(out)]) == 0
     runs = json.loads(out.read_text())["mlp"]
-    assert set(runs) == {"stock", "sharded", "reference", speed.FLOOR}
+    assert set(runs) == {"stock", "sharded", "reference", speed.FLOOR, speed.PAIRED}
+    paired = runs.pop(speed.PAIRED)[0]  # both steps timed in the same ranks, in turns
+    for key in ("sharded_seconds", "reference_seconds", "sharded_cpu_seconds", "reference_cpu_seconds"):
+        assert len(paired[key]) == 2 and all(v > 0 for v in paired[key]), key
     for label, samples in runs.items():
         assert samples[0]["step_seconds"] > 0 and samples[0]["ops"]["aten_ops"] > 0 and samples[0]["load"] >= 0
         assert samples[0]["step_cpu_seconds"] > 0, label  # the step's work, measured in its own process
@@ -62,4 +65,5 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
     assert "vs reference: step" in printed and "ops per step, reference" in printed
     assert "CPU ms per step, sharded" in printed and "vs reference per round" in printed
     assert f"CPU ms per step, {speed.FLOOR}" in printed  # the floor, against the reference too
+    assert "paired (same ranks, alternating steps)" in printed and "median of per-step ratios per round" in printed
     assert runs[speed.FLOOR][0]["ops"]["collectives"] == 0 == runs[speed.FLOOR][0]["ops"]["dtensor_dispatches"]

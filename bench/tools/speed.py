@@ -19,6 +19,9 @@ processes' load moves far less than wall time on a shared machine); ``--json`` w
 ``--floor`` adds stock Keras on one rank's shapes in each of the N ranks, without any
 communication (`bench.harness.rank_local`): of the gap between shardimpl and the reference, the
 part above this floor is the collectives' and shardimpl's, the part below it stock Keras' own.
+``--paired`` adds a run per round in which each rank times shardimpl's step and the reference's
+alternately, step by step (`bench.tools.paired`): the median of per-step ratios, which the
+machine's drift between launches does not move.
 """
 
 from __future__ import annotations
@@ -62,18 +65,16 @@ def _ordinary_malloc() -> None:
     keep_freed_heap(64 * MiB)
 
 
-def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int,
-             all_column: bool = False, one_rank_of: int | None = None) -> dict:
-    """One Keras variant's samples: stock (one process), sharded (this rank of N), or with
-    ``one_rank_of`` = N, stock Keras on one rank's shapes (`bench.harness.rank_local`: the floor)."""
+def keras_step(family: str, size: int, sharded: bool, all_column: bool = False, one_rank_of: int | None = None):
+    """(model, x, y) of one Keras variant, compiled as every run of this tool compiles it: stock
+    (one process), sharded (this rank of N: shardimpl installed, the family's LayoutMap set), or
+    with ``one_rank_of`` = N, stock Keras on one rank's shapes (`bench.harness.rank_local`)."""
     import keras
     import numpy as np
 
-    from bench.harness.families import BATCH, HUB, build_model, layout_map, model_mesh, sample_batch, sample_targets
+    from bench.harness.families import HUB, build_model, layout_map, model_mesh, sample_batch, sample_targets
     from bench.harness.rank_local import rank_local_batch, rank_local_model
-    from bench.tools.op_count import count_ops
 
-    _ordinary_malloc()
     if sharded:
         import shardimpl
 
@@ -97,6 +98,19 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
         model.compile(optimizer=optimizer, loss="mse")
         shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
         y = np.zeros(shape, "float32")
+    return model, x, y
+
+
+def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int,
+             all_column: bool = False, one_rank_of: int | None = None) -> dict:
+    """One Keras variant's samples (`keras_step`'s variants)."""
+    import numpy as np
+
+    from bench.harness.families import BATCH
+    from bench.tools.op_count import count_ops
+
+    _ordinary_malloc()
+    model, x, y = keras_step(family, size, sharded, all_column, one_rank_of)
     for _ in range(WARMUP):
         model.train_on_batch(x, y)
     times, cpus = _timed(lambda: model.train_on_batch(x, y), steps)
@@ -164,8 +178,11 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
 FLOOR = "stock, one rank's shapes"  # the --floor variant's label
 
 
+PAIRED = "paired"  # the --paired run's label: `bench.tools.paired`
+
+
 def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False, reference=True,
-            floor=False) -> dict:
+            floor=False, paired=False) -> dict:
     """Every variant of every family once per round, rounds repeated: {family: {label: [sample]}};
     each sample also holds the machine's load average (1 min) when its run started."""
     from shardimpl import launch
@@ -177,11 +194,13 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
         variants.append((FLOOR, ranks, False, False))
     if all_column:
         variants.append(("sharded, all-column mlp", ranks, True, True))
+    if paired:
+        variants.append((PAIRED, ranks, None, False))
     from bench.tools.tp_reference import REFERENCE_FAMILIES
 
     def applies(family, label):  # the all-column map is the mlp's; references and floors exist for some families
         return ((family == "mlp" or "all-column" not in label)
-                and (label not in ("reference", FLOOR) or family in REFERENCE_FAMILIES))
+                and (label not in ("reference", FLOOR, PAIRED) or family in REFERENCE_FAMILIES))
 
     samples = {f: {label: [] for label, *_ in variants if applies(f, label)} for f in families}
     for _ in range(repeats):
@@ -190,7 +209,11 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
                 if label not in samples[family]:
                     continue
                 load = os.getloadavg()[0]
-                if sharded is None:
+                if label == PAIRED:
+                    from bench.tools.paired import run_paired
+
+                    rows = launch.run(run_paired, n, family, size, steps, timeout=900)
+                elif sharded is None:
                     rows = launch.run(run_reference, n, family, size, steps, fit_batches, timeout=900)
                 else:
                     rows = launch.run(run_once, n, family, size, sharded, steps, fit_batches, columns,
@@ -228,6 +251,8 @@ def _cpu_lines(runs) -> list[str]:
 def summary(samples) -> list[str]:
     lines = []
     for family, runs in samples.items():
+        paired = runs.get(PAIRED)
+        runs = {label: rs for label, rs in runs.items() if label != PAIRED}
         def stat(label, key):
             values = [r[key] for r in runs[label]]
             return min(values), statistics.median(values)
@@ -247,6 +272,10 @@ def summary(samples) -> list[str]:
                 line += (f"; vs reference: step {sh[1] / ref[1]:.2f}x (per round "
                          f"{' '.join(f'{r:.2f}' for r in rounds)}, median {statistics.median(rounds):.2f})")
             lines.append(line)
+        if paired:
+            from bench.tools.paired import paired_lines
+
+            lines.extend(paired_lines(paired))
         lines.extend(_cpu_lines(runs))
         for label in runs:
             lines.append(f"{'':12}   ops per step, {label}: {_ops(runs[label][-1])}")
@@ -269,11 +298,15 @@ def main(argv=None) -> int:
     p.add_argument("--floor", action="store_true",
                    help="also time stock Keras on one rank's shapes in each of the N ranks, no communication "
                         "(bench.harness.rank_local): what of the gap to the reference is Keras' own")
+    p.add_argument("--paired", action="store_true",
+                   help="also time shardimpl and the reference in the same ranks, alternating step by step "
+                        "(bench.tools.paired): per-step ratios that the machine's drift between runs does not move")
     p.add_argument("--json")
     args = p.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
     samples = measure(families, int(args.size_mib * MiB), args.ranks, args.repeats, args.steps, args.fit_batches,
-                      args.all_column, reference=not args.no_reference, floor=args.floor)
+                      args.all_column, reference=not args.no_reference, floor=args.floor,
+                      paired=args.paired and not args.no_reference)
     print(f"min / median over {args.repeats} interleaved repeats, N={args.ranks}, {args.size_mib:g} MiB, "
           f"load average (1 min) at the runs' starts in brackets")
     print("\n".join(summary(samples)))
