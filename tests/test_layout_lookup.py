@@ -1,4 +1,5 @@
-"""LayoutMap lookups with the matching key remembered give Keras' own answers, as the map changes."""
+"""LayoutMap lookups with the matching key remembered give Keras' own answers, as the map changes;
+activation layouts resolved once per layout, axes and shape."""
 
 from __future__ import annotations
 
@@ -65,3 +66,18 @@ def test_install_puts_it_on_keras_layout_map():
     finally:
         shardimpl.uninstall()
     assert keras.distribution.LayoutMap.__getitem__ is _KERAS_GETITEM
+
+
+def test_an_activation_layout_is_resolved_once_and_again_when_its_axes_change():
+    from shardimpl.keras.backend import _resolved
+
+    layout = keras.distribution.TensorLayout((None, "model"), DeviceMesh((1,), ["model"], ["cpu:0"]))
+    first, placements = _resolved(layout, (2, 4))
+    again, _ = _resolved(layout, (2, 4))
+    assert again is first  # resolved once per layout, axes, mesh and shape
+    assert all(p.is_replicate() for p in placements)  # a one-device mesh splits nothing
+    layout._axes = ("model", None)
+    changed, _ = _resolved(layout, (2, 4))
+    assert changed is not first
+    other_shape, _ = _resolved(layout, (4, 4))
+    assert other_shape is not changed

@@ -167,10 +167,7 @@ def distribute_tensor(tensor, layout):
         return tree.map_structure(lambda t: distribute_tensor(t, layout), tensor)
     if tensor.device.type == "meta":  # Keras' symbolic trace: shapes only, nothing to lay out
         return tensor
-    tl = resolve_layout(layout, tuple(tensor.shape))
-    # A split over a mesh axis of size 1 is no split: say Replicate, which every op accepts
-    # (in-place updates of a Shard(0) value, e.g. a sampler writing tokens, have no rule).
-    placements = tuple(Replicate() if tl.mesh.size(i) == 1 else p for i, p in enumerate(tl.placements))
+    tl, placements = _resolved(layout, tuple(tensor.shape))
     if isinstance(tensor, DTensor):
         if tuple(tensor.placements) == placements and tensor.device_mesh == tl.mesh:
             return tensor
@@ -181,6 +178,29 @@ def distribute_tensor(tensor, layout):
     replicated = DTensor.from_local(tensor.to(local_device(tl.mesh)), tl.mesh,
                                     [Replicate()] * tl.mesh.ndim, run_check=False)
     return replicated.redistribute(tl.mesh, placements)
+
+
+_RESOLVED: dict = {}
+_MAX_RESOLVED = 4096  # a program's activation layouts x shapes are a few hundred
+
+
+def _resolved(layout, shape: tuple):
+    """(`resolve_layout`'s TorchLayout, its placements with Replicate on mesh axes of size 1) for
+    an activation layout, resolved once per layout object, axes, mesh and shape: Keras asks for
+    each layer output's layout on every call."""
+    axes, keras_mesh = getattr(layout, "axes", None), getattr(layout, "device_mesh", None)
+    key = (id(layout), tuple(axes) if axes is not None else None, id(keras_mesh), shape)
+    entry = _RESOLVED.get(key)
+    if entry is not None and entry[0] is layout and entry[1] is keras_mesh:
+        return entry[2], entry[3]
+    tl = resolve_layout(layout, shape)
+    # A split over a mesh axis of size 1 is no split: say Replicate, which every op accepts
+    # (in-place updates of a Shard(0) value, e.g. a sampler writing tokens, have no rule).
+    placements = tuple(Replicate() if tl.mesh.size(i) == 1 else p for i, p in enumerate(tl.placements))
+    if len(_RESOLVED) >= _MAX_RESOLVED:
+        _RESOLVED.clear()
+    _RESOLVED[key] = (layout, keras_mesh, tl, placements)  # holds both: their ids stay theirs
+    return tl, placements
 
 
 def distribute_data_input(per_process_batch, layout, batch_dim_name=None):
