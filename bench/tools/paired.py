@@ -3,7 +3,7 @@
 `python -m bench speed --paired` adds this run to each round. On a shared machine the speed of
 the ranks drifts by more than the gap being measured between one launch and the next (the same
 code gave 1.09 and 1.18 x the reference an hour apart). Here each of the N ranks builds both
-the sharded Keras model (the family's LayoutMap, as `bench.tools.speed.run_once` builds it) and
+the sharded Keras model (the family's LayoutMap, `bench.tools.keras_variants.keras_step`) and
 `bench.tools.tp_reference`'s model, and times them in turns: step i of one, then step i of the
 other, the order flipping every step, every step started by a barrier so that both ranks begin
 it together. Each pair of neighbouring steps shares the machine's state, so the ratio of a pair
@@ -36,9 +36,9 @@ def run_paired(family: str, size: int, steps: int) -> dict:
     steps of each. Returns every step's wall and CPU seconds, per variant, in pair order."""
     from bench.harness.families import sample_batch
     from bench.tools import tp_reference
-    from bench.tools.speed import WARMUP, _ordinary_malloc, keras_step
+    from bench.tools.keras_variants import WARMUP, keras_step, ordinary_malloc
 
-    _ordinary_malloc()
+    ordinary_malloc()
     model, x, y = keras_step(family, size, sharded=True)
     reference = tp_reference.build_reference(family, size)
     optimizer = tp_reference.make_optimizer(reference)
