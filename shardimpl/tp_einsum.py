@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from shardimpl.fsdp import is_gathered, local_saves
 from shardimpl.local_views import from_local, sum_partial, to_local
 
-__all__ = ["local_einsum", "local_einsum_parts", "dense_equation", "local_input", "contract"]
+__all__ = ["local_einsum", "local_einsum_parts", "local_contract", "dense_equation"]
 
 
 class _AllReduceGrad(torch.autograd.Function):
@@ -169,15 +169,22 @@ def local_einsum_parts(equation: str, x, w, record: dict | None = None):
     if plan is None:
         return None
     placements, gx, gw, reduce_axes = plan
-    x_local = local_input(x, gx, reduce_axes, mesh)
-    with local_saves():
-        # Saved as they are under a direct call's hooks (which would save them as replicated
-        # DTensors, which a local backward cannot take); remat's checkpoint hooks stay in charge.
-        y = contract(equation, x_local, to_local(w, gw))
+    y = local_contract(equation, x, w, gx, gw, reduce_axes, mesh)
     shape = torch.Size((x.shape[i] if operand == 0 else w.shape[i]) for operand, i in _output_dims(equation))
     if record is not None and x is given:
         record.update(equation=equation, gx=gx, gw=gw, reduce_axes=reduce_axes)
     return y, mesh, placements, shape
+
+
+def local_contract(equation: str, x: DTensor, w: DTensor, gx, gw, reduce_axes, mesh) -> torch.Tensor:
+    """The local output block of ``einsum(equation, x, w)`` for a row of the table: ``gx`` / ``gw``
+    the input's and kernel's gradient placements, ``reduce_axes`` the axes the input's gradient
+    is all-reduced over (`_plan`'s answers, or a remembered plan's: `shardimpl.keras.dense_plan`)."""
+    x_local = _local_input(x, gx, reduce_axes, mesh)
+    with local_saves():
+        # Saved as they are under a direct call's hooks (which would save them as replicated
+        # DTensors, which a local backward cannot take); remat's checkpoint hooks stay in charge.
+        return _contract(equation, x_local, to_local(w, gw))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -224,7 +231,7 @@ def _wanted_input(letters, x_ndim: int, w_ndim: int, x_placements: tuple, w_plac
     return tuple(wanted)
 
 
-def local_input(x: DTensor, gx, reduce_axes, mesh):
+def _local_input(x: DTensor, gx, reduce_axes, mesh):
     """``x``'s local tensor, whose gradient is all-reduced over ``reduce_axes`` in backward.
 
     Several column-parallel layers that read the same input (attention's query, key and value;
@@ -242,7 +249,7 @@ def local_input(x: DTensor, gx, reduce_axes, mesh):
     return x_local
 
 
-def contract(equation: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _contract(equation: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``torch.einsum(equation, x, w)`` on local blocks, as one matmul where the equation is one:
     the input's trailing letters are the kernel's leading ones and the output is the input's
     other letters then the kernel's (Dense '...y,yz->...z', attention's 'abc,cde->abde' and

@@ -35,7 +35,7 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from bench.tools.keras_variants import MiB, WARMUP, keras_step, ordinary_malloc as _ordinary_malloc  # noqa: E402
+from bench.tools.keras_variants import MiB, WARMUP, keras_step, ordinary_malloc  # noqa: E402
 
 
 def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int,
@@ -46,7 +46,7 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
     from bench.harness.families import BATCH
     from bench.tools.op_count import count_ops
 
-    _ordinary_malloc()
+    ordinary_malloc()
     model, x, y = keras_step(family, size, sharded, all_column, one_rank_of)
     for _ in range(WARMUP):
         model.train_on_batch(x, y)
@@ -89,7 +89,7 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
     from bench.tools import tp_reference
     from bench.tools.op_count import count_ops
 
-    _ordinary_malloc()
+    ordinary_malloc()
     model = tp_reference.build_reference(family, size)
     optimizer = tp_reference.make_optimizer(model)
     x = sample_batch(family, size)

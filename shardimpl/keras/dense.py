@@ -19,10 +19,9 @@ import functools
 
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from shardimpl.fsdp import local_saves
 from shardimpl.keras.context import is_within
 from shardimpl.keras import dense_plan
-from shardimpl.local_views import from_local, from_spec, layout_of, sum_over_groups, sum_partial, to_local
+from shardimpl.local_views import from_local, from_spec, layout_of, sum_partial
 from shardimpl.tp_einsum import dense_equation, local_einsum_parts
 
 #: Keras activations that act on each element alone: they give the same values on a block.
@@ -107,13 +106,8 @@ def _finish_local(layer, parts, record: dict | None = None):
         partial_axes = [a for a, p in enumerate(placements) if p.is_partial()]
         if any(getattr(placements[a], "reduce_op", None) != "sum" for a in partial_axes):
             return None
-        groups = tuple(mesh.get_group(a) for a in partial_axes)
-        y, placements = sum_over_groups(y, groups), summed
-    with local_saves():
-        if bias is not None:
-            y = y + to_local(bias, bias_grads)
-        if layer.activation is not None:
-            y = layer.activation(y)
+        groups, placements = tuple(mesh.get_group(a) for a in partial_axes), summed
+    y = dense_plan.finish_block(y, groups, bias, bias_grads, layer.activation)
     return _wrapped(y, mesh, placements, shape, record, sum_groups=groups, bias=bias, bias_grads=bias_grads,
                     apply_activation=layer.activation is not None)
 

@@ -29,9 +29,9 @@ from torch.distributed.tensor import DTensor
 from shardimpl.fsdp import local_saves
 from shardimpl.keras.active import current_distribution
 from shardimpl.local_views import from_spec, sum_over_groups, to_local
-from shardimpl.tp_einsum import contract, local_input
+from shardimpl.tp_einsum import local_contract
 
-__all__ = ["Plan", "planned", "run", "remember", "forget"]
+__all__ = ["Plan", "planned", "run", "finish_block", "remember", "forget"]
 
 _ATTRIBUTE = "_shardimpl_dense_plan"
 
@@ -83,17 +83,24 @@ def planned(layer, x):
 
 def run(plan: Plan, x: DTensor) -> DTensor:
     """The call, as the full path runs it, with the plan's decisions."""
-    x_local = local_input(x, plan.gx, plan.reduce_axes, plan.out_spec.mesh)
-    with local_saves():
-        y = contract(plan.equation, x_local, to_local(plan.kernel(), plan.gw))
-    if plan.sum_groups:
-        y = sum_over_groups(y, plan.sum_groups)
-    with local_saves():
-        if plan.bias is not None:
-            y = y + to_local(plan.bias(), plan.bias_grads)
-        if plan.apply_activation:
-            y = plan.activation(y)
+    y = local_contract(plan.equation, x, plan.kernel(), plan.gx, plan.gw, plan.reduce_axes, plan.out_spec.mesh)
+    y = finish_block(y, plan.sum_groups, _deref(plan.bias), plan.bias_grads,
+                     plan.activation if plan.apply_activation else None)
     return from_spec(y, plan.out_spec)
+
+
+def finish_block(y: torch.Tensor, sum_groups, bias, bias_grads, activation) -> torch.Tensor:
+    """A Dense output's local block summed over ``sum_groups`` (one all-reduce each, where a
+    Partial output meets a bias or an activation), then its bias's local block added (its gradient
+    laid out as ``bias_grads``) and ``activation`` applied: both paths of `shardimpl.keras.dense`."""
+    if sum_groups:
+        y = sum_over_groups(y, sum_groups)
+    with local_saves():
+        if bias is not None:
+            y = y + to_local(bias, bias_grads)
+        if activation is not None:
+            y = activation(y)
+    return y
 
 
 def remember(layer, kernel, x, record: dict) -> None:
