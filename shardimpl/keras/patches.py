@@ -231,6 +231,10 @@ def patch_table() -> list[Patch]:
         rows.append(Patch("<torch trainer>", name,
                           "the host RNGs agreed from rank 0, so shuffled batches match across ranks",
                           _one(trainer), steps.wrap_loop))
+    rows.append(Patch("<torch trainer>", "_should_torch_compile",
+                      "jit_compile=True under a distribution runs the steps eagerly, with a warning "
+                      "(torch.compile cannot trace the sharded step)",
+                      _one(trainer), steps.wrap_should_torch_compile))
     rows.append(Patch("<torch trainer>", "_initialize_ddp",
                       "keras-nightly only: DDP cannot take DTensor parameters (grads are already reduced)",
                       lambda: [c for c in [trainer()] if hasattr(c, "_initialize_ddp")],
