@@ -40,7 +40,8 @@ def _timed_once(step) -> tuple[float, float]:
 
 def run_paired(family: str, size: int, steps: int) -> dict:
     """In each rank: ``steps`` timed steps of each, alternating, each after an untimed one of its
-    own (module docstring), after `WARMUP` steps of each. Returns every step's wall and CPU seconds, per variant, in pair order."""
+    own (module docstring), after `WARMUP` steps of each. Returns every timed step's wall and CPU
+    seconds, per variant, in pair order."""
     from bench.harness.families import sample_batch
     from bench.tools import tp_reference
     from bench.tools.keras_variants import WARMUP, keras_step, ordinary_malloc

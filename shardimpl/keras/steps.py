@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -257,16 +258,20 @@ def wrap_should_torch_compile(original):
     as the user set it: without a distribution the same model compiles as stock.
     """
 
+    warned = weakref.WeakSet()  # once per model, not once per train / test / predict function
+
     @functools.wraps(original)
     def _should_torch_compile(self):
         wanted = original(self)
         if not wanted or _distribution() is None:
             return wanted
-        warnings.warn(
-            f"Model {self.name!r} was compiled with jit_compile=True: under a shardimpl distribution its "
-            f"steps run eagerly (torch.compile cannot trace the sharded step). Proceeding with "
-            f"jit_compile=False; pass jit_compile=False (or the default \"auto\") to model.compile() "
-            f"to silence this.", UserWarning, stacklevel=2)
+        if self not in warned:
+            warned.add(self)
+            warnings.warn(
+                f"Model {self.name!r} was compiled with jit_compile=True: under a shardimpl distribution "
+                f"its steps run eagerly (torch.compile cannot trace the sharded step). Pass "
+                f"jit_compile=False (or the default \"auto\") to model.compile() to silence this.",
+                UserWarning, stacklevel=2)
         return False
 
     return _should_torch_compile
