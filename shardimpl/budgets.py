@@ -137,11 +137,9 @@ def prefer_mmap(threshold: int = 131072) -> bool:
 
 def _mallopt(param: int, value: int) -> bool:
     """glibc's ``mallopt(param, value)``; False where it is not available."""
-    import ctypes
-    import ctypes.util
+    from shardimpl.glibc import libc
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(param, int(value)))
-    except (OSError, AttributeError):
+        return bool(libc().mallopt(param, int(value)))
+    except AttributeError:  # no C library, or not glibc
         return False

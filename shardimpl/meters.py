@@ -44,7 +44,10 @@ lower bound on the process's true extra memory, so their maximum is too:
   tracemalloc slows Python's allocations while a meter is open (a 1 MiB
   Keras build, where Python's work dominates, took 1.5x to 3.6x as long;
   large tensors' time is not affected); ``trace_python=False`` turns this
-  view off.
+  view off. On Python before 3.12.9 / 3.13.2, in a process where torch's C++
+  threads can take the GIL (torch.distributed or CUDA initialized), the last
+  meter leaves tracemalloc running instead of stopping it: stopping it there
+  can crash the process (CPython gh-128679, `_stopping_tracemalloc_is_safe`).
 
 What no view sees: bytes that are allocated outside Python's allocators and
 outside torch and never written (they occupy no memory, but ``RLIMIT_DATA``
@@ -65,7 +68,7 @@ Budgets (real allocation limits) live in `shardimpl.budgets`.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import sys
 import threading
 import tracemalloc
 import weakref
@@ -227,8 +230,32 @@ class _Resident:
             self._thread = None
 
 
+def _stopping_tracemalloc_is_safe() -> bool:
+    """Whether ``tracemalloc.stop()`` cannot crash this process now.
+
+    Before CPython 3.12.9 / 3.13.2 (gh-128679), a thread that enters tracemalloc's
+    raw-allocator hook without the GIL and then waits for it reads freed tables
+    if another thread stops tracing meanwhile: a segfault. torch's C++ threads do
+    exactly that when they drop the last reference to a tensor Python knows: a
+    gloo worker thread destroying a finished collective's work (measured: 4 gloo
+    ranks, 2,000 metered all-gathers each, every launch of four segfaulted), NCCL's
+    and CUDA autograd's threads likewise. Without torch.distributed (other than
+    the thread-less "fake" backend) and CUDA, no such thread runs.
+    """
+    version = sys.version_info[:3]
+    if version >= (3, 13, 2) or (3, 12, 9) <= version < (3, 13, 0):
+        return True
+    import torch.distributed as dist
+
+    threads_take_the_gil = dist.is_available() and dist.is_initialized() and dist.get_backend() != "fake"
+    return not threads_take_the_gil and not torch.cuda.is_initialized()
+
+
 class _Traced:
-    """tracemalloc's traced bytes: started by the first meter that wants it, stopped by the last."""
+    """tracemalloc's traced bytes: started by the first meter that wants it, stopped by the last
+    where stopping is safe (`_stopping_tracemalloc_is_safe`); elsewhere it stays on for the
+    rest of the process (Python's allocations stay slower), and later meters reuse it.
+    """
 
     key = "traced"
 
@@ -253,9 +280,9 @@ class _Traced:
             self._started_here = True
 
     def close(self) -> None:
-        if self._started_here:
+        if self._started_here and _stopping_tracemalloc_is_safe():
             tracemalloc.stop()
-            self._started_here = False
+        self._started_here = False
 
 
 class _Cuda:
@@ -338,10 +365,11 @@ class _MallInfo2(ctypes.Structure):
 
 def _malloc_free_bytes() -> int | None:
     """Free bytes held in glibc malloc's arenas (reusable without new pages), or None."""
+    from shardimpl.glibc import libc
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2
-    except (OSError, AttributeError):
+        fn = libc().mallinfo2
+    except AttributeError:  # no C library, or glibc older than 2.33
         return None
     fn.restype = _MallInfo2
     return int(fn().fordblks)

@@ -45,3 +45,30 @@ def pid():
     import os
 
     return os.getpid()
+
+
+def metered_collectives(reps):
+    """``reps`` meter blocks, each ending right after an all-gather (the FSDP world's pattern);
+    then whether tracing stayed on and whether a later meter still traces a bytes buffer.
+
+    A gloo worker thread destroys the finished collective's work just after the block exits and
+    takes the GIL to free the input tensor's Python object; stopping tracemalloc then crashed
+    the rank on Python < 3.12.9 (CPython gh-128679): 2 of 5 launches of 4 ranks x 300 blocks.
+    """
+    import tracemalloc
+
+    import shardimpl.meters as meters
+    from shardimpl.meters import PeakMeter
+
+    x = torch.ones(1024)
+    out = torch.empty(1024 * dist.get_world_size())
+    for _ in range(reps):
+        with PeakMeter("cpu"):
+            dist.all_gather_into_tensor(out, x.clone())
+            (out + 1).sum()
+    left_on = tracemalloc.is_tracing()
+    with PeakMeter("cpu") as m:
+        buf = bytes(8 << 20)  # calloc'd and untouched: only the traced view sees it
+        del buf
+    return {"left_on": left_on, "traced": m.result().host_traced_peak_bytes,
+            "safe_here": meters._stopping_tracemalloc_is_safe()}

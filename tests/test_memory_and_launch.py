@@ -215,6 +215,27 @@ def test_host_figure_sees_other_threads_and_overlapping_meters():
     assert _host_close(worker.result.host_peak_bytes, 40 * MiB)
 
 
+STOP_RACE_REPS = 1000  # 4 ranks: the unsafe stop crashed 2 of 5 launches at 300 blocks, 4 of 4 at 2,000
+
+
+def test_meter_in_gloo_ranks_survives_collectives_finishing_as_a_block_ends():
+    rows = launch.run(_launch_world.metered_collectives, 4, STOP_RACE_REPS, timeout=240)
+    assert [r.status for r in rows] == ["ok"] * 4, [r.error for r in rows]
+    for r in rows:
+        v = r.value
+        assert v["left_on"] == (not v["safe_here"]), v  # tracing stays on only where stopping could crash
+        assert v["traced"] is not None and _host_close(v["traced"], 8 * MiB), v
+
+
+def test_meter_stops_tracing_in_a_process_without_torch_threads():
+    import tracemalloc
+
+    assert not tracemalloc.is_tracing()
+    with PeakMeter("cpu"):
+        assert tracemalloc.is_tracing()
+    assert not tracemalloc.is_tracing()
+
+
 def test_meter_result_before_exit_is_an_error():
     m = PeakMeter("cpu")
     with pytest.raises(RuntimeError, match="after the `with` block"):
