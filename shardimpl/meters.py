@@ -45,9 +45,10 @@ lower bound on the process's true extra memory, so their maximum is too:
   Keras build, where Python's work dominates, took 1.5x to 3.6x as long;
   large tensors' time is not affected); ``trace_python=False`` turns this
   view off. On Python before 3.12.9 / 3.13.2, in a process where torch's C++
-  threads can take the GIL (torch.distributed or CUDA initialized), the last
-  meter leaves tracemalloc running instead of stopping it: stopping it there
-  can crash the process (CPython gh-128679, `_stopping_tracemalloc_is_safe`).
+  threads can take the GIL (torch.distributed or CUDA initialized), stopping
+  tracemalloc can crash the process (CPython gh-128679,
+  `_stopping_tracemalloc_is_safe`): there a meter traces only when asked
+  (``trace_python=True``), and the last one leaves tracemalloc running.
 
 What no view sees: bytes that are allocated outside Python's allocators and
 outside torch and never written (they occupy no memory, but ``RLIMIT_DATA``
@@ -404,23 +405,30 @@ class PeakMeter:
     device: "cpu", "cuda", a torch.device, or None (CUDA if this process has a
     current CUDA device in use, else CPU): where the torch-allocator figure is
     read. trace_python: also run tracemalloc inside the block (the traced host
-    view; skipped under a FakeTensorMode, where nothing real is allocated). The module docstring says how each figure is measured and what it
-    misses. Meters nest, also across threads. Entering makes glibc serve
-    blocks >= 128 KiB with their own mappings from then on (`prefer_mmap`).
+    view; skipped under a FakeTensorMode, where nothing real is allocated).
+    None (the default) traces where tracemalloc can be stopped safely again
+    (`_stopping_tracemalloc_is_safe`): everywhere on Python >= 3.12.9, and on
+    older Pythons only in processes without torch.distributed or CUDA. True
+    there too makes the last meter leave tracemalloc running, and Python's
+    allocations slower, for the rest of the process. The module docstring says
+    how each figure is measured and what it misses. Meters nest, also across
+    threads. Entering makes glibc serve blocks >= 128 KiB with their own
+    mappings from then on (`prefer_mmap`).
     """
 
-    def __init__(self, device=None, *, trace_python: bool = True):
+    def __init__(self, device=None, *, trace_python: bool | None = None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.trace_python = bool(trace_python)
+        self.trace_python = None if trace_python is None else bool(trace_python)
         self._result: MemoryResult | None = None
         self._counter = None
 
     def _sources(self):
-        sources = [_RESIDENT] + ([_TRACED] if self.trace_python and not _fake_mode_active() else [])
+        trace = _stopping_tracemalloc_is_safe() if self.trace_python is None else self.trace_python
+        sources = [_RESIDENT] + ([_TRACED] if trace and not _fake_mode_active() else [])
         if self.device.type == "cuda":
             sources.append(_CUDA.setdefault(self.device.index, _Cuda(self.device)))
         return sources

@@ -48,8 +48,9 @@ def pid():
 
 
 def metered_collectives(reps):
-    """``reps`` meter blocks, each ending right after an all-gather (the FSDP world's pattern);
-    then whether tracing stayed on and whether a later meter still traces a bytes buffer.
+    """``reps`` traced meter blocks, each ending right after an all-gather (the FSDP world's
+    pattern); then whether tracing stayed on, and what a default and a traced meter report
+    for a bytes buffer.
 
     A gloo worker thread destroys the finished collective's work just after the block exits and
     takes the GIL to free the input tensor's Python object; stopping tracemalloc then crashed
@@ -63,12 +64,14 @@ def metered_collectives(reps):
     x = torch.ones(1024)
     out = torch.empty(1024 * dist.get_world_size())
     for _ in range(reps):
-        with PeakMeter("cpu"):
+        with PeakMeter("cpu", trace_python=True):
             dist.all_gather_into_tensor(out, x.clone())
             (out + 1).sum()
     left_on = tracemalloc.is_tracing()
-    with PeakMeter("cpu") as m:
-        buf = bytes(8 << 20)  # calloc'd and untouched: only the traced view sees it
-        del buf
-    return {"left_on": left_on, "traced": m.result().host_traced_peak_bytes,
-            "safe_here": meters._stopping_tracemalloc_is_safe()}
+    figures = {}
+    for name, trace in (("default", None), ("traced", True)):
+        with PeakMeter("cpu", trace_python=trace) as m:
+            buf = bytes(8 << 20)  # calloc'd and untouched: only the traced view sees it
+            del buf
+        figures[name] = m.result().host_traced_peak_bytes
+    return {"left_on": left_on, **figures, "safe_here": meters._stopping_tracemalloc_is_safe()}

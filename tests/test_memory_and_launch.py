@@ -225,6 +225,10 @@ def test_meter_in_gloo_ranks_survives_collectives_finishing_as_a_block_ends():
         v = r.value
         assert v["left_on"] == (not v["safe_here"]), v  # tracing stays on only where stopping could crash
         assert v["traced"] is not None and _host_close(v["traced"], 8 * MiB), v
+        if v["safe_here"]:
+            assert _host_close(v["default"], 8 * MiB), v
+        else:  # by default a meter does not start what it could not stop
+            assert v["default"] is None, v
 
 
 def test_meter_stops_tracing_in_a_process_without_torch_threads():

@@ -132,13 +132,13 @@ def _gate_rank(mode: str, budget_bytes, device: str, plant=None) -> dict:
     if mode not in _warm:
         # First use of Keras, the initializers, gloo and the meter itself (tracemalloc's tables)
         # is not the model's: a small build, metered, pays it.
-        with PeakMeter(meter_device):
+        with PeakMeter(meter_device, trace_python=True):
             _build_gate_model(_WARM_DIV)
         _warm.add(mode)
     gc.collect()
     try:
         with plant() if plant is not None else contextlib.nullcontext():
-            with PeakMeter(meter_device) as m:
+            with PeakMeter(meter_device, trace_python=True) as m:
                 if budget_bytes:
                     with budget(budget_bytes, device=meter_device):
                         model = _build_gate_model()
