@@ -239,9 +239,10 @@ def _stopping_tracemalloc_is_safe() -> bool:
     if another thread stops tracing meanwhile: a segfault. torch's C++ threads do
     exactly that when they drop the last reference to a tensor Python knows: a
     gloo worker thread destroying a finished collective's work (measured: 4 gloo
-    ranks, 2,000 metered all-gathers each, every launch of four segfaulted), NCCL's
-    and CUDA autograd's threads likewise. Without torch.distributed (other than
-    the thread-less "fake" backend) and CUDA, no such thread runs.
+    ranks, 2,000 metered all-gathers each, every launch of four segfaulted); NCCL's
+    and CUDA autograd's threads free tensors too (not measured: no GPU here).
+    Without torch.distributed (other than the thread-less "fake" backend) and
+    CUDA, no such thread runs.
     """
     version = sys.version_info[:3]
     if version >= (3, 13, 2) or (3, 12, 9) <= version < (3, 13, 0):
