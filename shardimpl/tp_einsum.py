@@ -176,10 +176,12 @@ def local_einsum_parts(equation: str, x, w, record: dict | None = None):
     return y, mesh, placements, shape
 
 
-def local_contract(equation: str, x: DTensor, w: DTensor, gx, gw, reduce_axes, mesh) -> torch.Tensor:
+def local_contract(equation: str, x, w: DTensor, gx, gw, reduce_axes, mesh) -> torch.Tensor:
     """The local output block of ``einsum(equation, x, w)`` for a row of the table: ``gx`` / ``gw``
     the input's and kernel's gradient placements, ``reduce_axes`` the axes the input's gradient
-    is all-reduced over (`_plan`'s answers, or a remembered plan's: `shardimpl.keras.dense_plan`)."""
+    is all-reduced over (`_plan`'s answers, or a remembered plan's: `shardimpl.keras.dense_plan`).
+    ``x`` a plain tensor that needs no gradient (a batch, where the mesh has no data axis)
+    stands for the replicated DTensor `local_einsum_parts` makes of it: its own local block."""
     x_local = _local_input(x, gx, reduce_axes, mesh)
     with local_saves():
         # Saved as they are under a direct call's hooks (which would save them as replicated
@@ -238,6 +240,8 @@ def _local_input(x: DTensor, gx, reduce_axes, mesh):
     the MLP's gate and up) share one local tensor, kept on the input for as long as it lives:
     autograd sums their gradients into it first, and one all-reduce reduces the sum (as the
     hand-written step's single f per block), not one per layer."""
+    if not isinstance(x, DTensor):  # plain, no gradient (`local_contract`): its own local block
+        return x
     if not reduce_axes or not x.requires_grad:
         return to_local(x, gx)
     key = (tuple(reduce_axes), tuple(gx))

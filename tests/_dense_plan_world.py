@@ -61,7 +61,7 @@ def plans_match_the_full_path(steps=3):
     dense_plan.planned = counted
     out = {"losses_equal": losses["planned"] == losses["full"],
            "weights_equal": all(np.array_equal(a, b) for a, b in zip(planned_model.get_weights(), full_model.get_weights())),
-           # The last step's calls: the first layer reads the plain batch (never planned), the others DTensors.
+           # The last step's calls: the first layer reads the plain batch, the others DTensors.
            "last_step": hits[-4:]}
 
     # A changed activation: the old plan must not run (the output follows the new activation).
@@ -73,8 +73,8 @@ def plans_match_the_full_path(steps=3):
     b = full_model.predict_on_batch(x)
     dense_plan.planned = counted
     out["changed_activation_equal"] = all(bool(np.array_equal(one, b)) for one in a)
-    out["changed_activation_call_missed"] = hits[:4] == [("col", False), ("row", True), ("col2", False), ("row_nobias", True)]
-    out["changed_activation_replanned"] = hits[4:8] == [("col", False), ("row", True), ("col2", True), ("row_nobias", True)]
+    out["changed_activation_call_missed"] = hits[:4] == [("col", True), ("row", True), ("col2", False), ("row_nobias", True)]
+    out["changed_activation_replanned"] = hits[4:8] == [("col", True), ("row", True), ("col2", True), ("row_nobias", True)]
     # A kernel DTensor replaced by another object (its values doubled): not the planned one.
     import torch
 
@@ -92,4 +92,18 @@ def plans_match_the_full_path(steps=3):
     hits.clear()
     planned_model.predict_on_batch(x[:4])
     out["new_shape_second_layer_missed"] = hits[1] == ("row", False)
+    # A plain input that needs a gradient (a custom loop's) never takes a plan: its gradient must
+    # reach it through the replicated DTensor the full path makes of it.
+    from shardimpl.keras.context import step_context
+
+    layer = planned_model.get_layer("col")
+    hits.clear()
+    grads = []
+    for _ in range(2):
+        xr = torch.tensor(x, requires_grad=True)
+        with step_context():
+            layer(xr).to_local().sum().backward()
+        grads.append(xr.grad)
+    out["grad_input_never_planned"] = hits == [("col", False), ("col", False)]
+    out["grad_input_gets_its_gradient"] = all(g is not None and bool(torch.equal(g, grads[0])) for g in grads)
     return out

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.distributed
 def test_planned_calls_train_exactly_as_the_full_path_and_a_changed_layer_is_replanned():
     for r in ok_values(launch.run(_dense_plan_world.plans_match_the_full_path, 2, timeout=180)):
         assert r["losses_equal"] and r["weights_equal"], r
-        # The first layer reads the plain batch (never planned); every other call of the last step is.
-        assert r["last_step"] == [("col", False), ("row", True), ("col2", True), ("row_nobias", True)], r
+        # Every call of the last step is planned, the first layer's on the plain batch too.
+        assert r["last_step"] == [("col", True), ("row", True), ("col2", True), ("row_nobias", True)], r
         assert r["changed_activation_equal"] and r["changed_activation_call_missed"] and r["changed_activation_replanned"], r
         assert r["replaced_kernel_equal"] and r["replaced_kernel_missed"], r
         assert r["new_shape_second_layer_missed"], r
+        assert r["grad_input_never_planned"] and r["grad_input_gets_its_gradient"], r

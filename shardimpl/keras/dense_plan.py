@@ -45,7 +45,7 @@ class Plan:
     kernel: weakref.ref  # to the kernel DTensor: a plan never keeps a replaced shard alive
     bias: weakref.ref | None
     activation: object
-    x_placements: tuple
+    x_placements: tuple | None  # None: a plain input that needs no gradient (the batch, as is)
     x_shape: torch.Size
     x_dtype: torch.dtype
     equation: str
@@ -70,18 +70,31 @@ def _reads(layer):
 def planned(layer, x):
     """The layer's plan if it applies to this call (module docstring), else None."""
     plan = layer.__dict__.get(_ATTRIBUTE)
-    if plan is None or not isinstance(x, DTensor):
+    if plan is None or _input_layout(x) != plan.x_placements:
         return None
     reads = _reads(layer)
     if (reads is None or reads[0] is not plan.kernel() or reads[1] is not _deref(plan.bias)
             or layer.activation is not plan.activation or x.dtype != plan.x_dtype
-            or x.shape != plan.x_shape or tuple(x.placements) != plan.x_placements
-            or current_distribution() is not plan.distribution):
+            or x.shape != plan.x_shape or current_distribution() is not plan.distribution):
         return None
     return plan
 
 
-def run(plan: Plan, x: DTensor) -> DTensor:
+_NOT_PLANNED = object()
+
+
+def _input_layout(x):
+    """What a plan keys its input by: a DTensor's placements; None for a plain tensor that needs
+    no gradient (the batch of a step without a data axis, which `local_contract` takes as is);
+    anything else is never planned."""
+    if isinstance(x, DTensor):
+        return tuple(x.placements)
+    if isinstance(x, torch.Tensor) and not x.requires_grad:
+        return None
+    return _NOT_PLANNED
+
+
+def run(plan: Plan, x) -> DTensor:
     """The call, as the full path runs it, with the plan's decisions."""
     y = local_contract(plan.equation, x, plan.kernel(), plan.gx, plan.gw, plan.reduce_axes, plan.out_spec.mesh)
     y = finish_block(y, plan.sum_groups, _deref(plan.bias), plan.bias_grads,
@@ -106,15 +119,16 @@ def finish_block(y: torch.Tensor, sum_groups, bias, bias_grads, activation) -> t
 def remember(layer, kernel, x, record: dict) -> None:
     """Keep a plan on ``layer`` for calls like this one, from the full path's ``record``: only
     where that call read the layer's own kernel and bias DTensors as they are (no cast, no
-    gather) from a DTensor input."""
+    gather) from a DTensor input, or from a plain one that needs no gradient."""
     reads = _reads(layer)
     bias = record.pop("bias_value")
-    if reads is None or reads[0] is not kernel or reads[1] is not bias or not isinstance(x, DTensor):
+    layout = _input_layout(x)
+    if reads is None or reads[0] is not kernel or reads[1] is not bias or layout is _NOT_PLANNED:
         return
     layer.__dict__[_ATTRIBUTE] = Plan(
         distribution=current_distribution(), kernel=weakref.ref(kernel),
         bias=None if bias is None else weakref.ref(bias), activation=layer.activation,
-        x_placements=tuple(x.placements), x_shape=x.shape, x_dtype=x.dtype, **record)
+        x_placements=layout, x_shape=x.shape, x_dtype=x.dtype, **record)
 
 
 def _deref(ref):
