@@ -317,7 +317,8 @@ def _check_plan_json(argv) -> None:
 
 _TOOLS = {"speed": "bench.tools.speed", "first-step": "bench.tools.first_step",
           "optimizer-memory": "bench.tools.optimizer_memory",
-          "init-speed": "bench.tools.init_speed", "partial-batch": "bench.tools.partial_batch"}
+          "init-speed": "bench.tools.init_speed", "partial-batch": "bench.tools.partial_batch",
+          "step-phases": "bench.tools.step_phases"}
 
 
 def _dispatch(argv) -> int:

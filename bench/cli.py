@@ -41,6 +41,8 @@ subcommands ({PROG} SUBCOMMAND --help for each one's options):
                     {PROG} compare-memory bench-results/pb/base.json bench-results/pb/new.json
   speed           train-step time against stock Keras and a hand-written TP step, interleaved
                     {PROG} speed --families mlp,transformer --size-mib 64 --ranks 2
+  step-phases     where a step's CPU goes, by phase and thread: shardimpl, stock, hand-written
+                    {PROG} step-phases --family mlp --size-mib 64 --skip-collectives
   first-step      first-step and new-shape latency against stock Keras
                     {PROG} first-step --families mlp,transformer
   optimizer-memory  whole-run peaks and step times, Keras' optimizer update against shardimpl's chunked one

@@ -67,3 +67,37 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
     assert f"CPU ms per step, {speed.FLOOR}" in printed  # the floor, against the reference too
     assert "paired (same ranks, alternating steps)" in printed and "median of per-step ratios per round" in printed
     assert runs[speed.FLOOR][0]["ops"]["collectives"] == 0 == runs[speed.FLOOR][0]["ops"]["dtensor_dispatches"]
+
+
+def test_step_phases_times_every_phase_of_each_variant_and_skips_only_the_collectives(capsys):
+    from bench.tools import step_phases as sp
+
+    assert sp.main(["--size-mib", "0.25", "--steps", "3", "--repeats", "1", "--skip-collectives"]) == 0
+    results = sp.measure("mlp", 1 << 18, 2, 3, 1, skip=True)
+    keras_variants = (sp.SHARDED, sp.SKIPPED, sp.FLOOR)
+    for variant in keras_variants + (sp.REFERENCE,):
+        phases = results[variant][0]["phases"]
+        timed = ("forward", "backward", "optimizer") + (("loss", "metrics") if variant in keras_variants else ())
+        for phase in timed:  # every timer is on the step's path: Keras and torch still call what it wraps
+            assert phases[phase] > 0, (variant, phase, phases)
+        assert phases["rest"] >= 0, (variant, phases)  # no phase nested in another (each step's CPU counted once)
+    calls = {v: results[v][0]["all_reduces_per_step"] for v in results}
+    # the mlp: two row-parallel outputs forward, one input gradient backward, in both tensor-parallel steps;
+    # the diagnostic makes the very same calls without communicating, the floor none
+    assert calls[sp.SHARDED] == calls[sp.SKIPPED] == calls[sp.REFERENCE] == 3 and calls[sp.FLOOR] == 0
+    printed = capsys.readouterr().out
+    assert "phase (main-thread CPU ms)" in printed and "all_reduce calls per step" in printed
+    assert "CPU ms per step by thread" in printed
+
+
+def test_step_phases_puts_keras_and_torch_back_as_they_were():
+    import keras
+    import torch
+
+    from bench.tools import step_phases as sp
+
+    call, backward = keras.layers.Layer.__call__, torch.Tensor.backward
+    phases = sp._Phases()
+    with sp._model_call_timed(object(), phases), sp._backward_timed(phases):
+        assert keras.layers.Layer.__call__ is not call and torch.Tensor.backward is not backward
+    assert keras.layers.Layer.__call__ is call and torch.Tensor.backward is backward

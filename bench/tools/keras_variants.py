@@ -2,7 +2,8 @@
 
 `keras_step` builds and compiles one variant (stock, shardimpl on this rank, or stock on one
 rank's shapes) as `bench.tools.speed` and `bench.tools.paired` both time it; `ordinary_malloc`
-puts a rank's allocator back to an ordinary process's before timing.
+puts a rank's allocator back to an ordinary process's before timing; `warmed_reference` sets
+up the hand-written step (`bench.tools.tp_reference`) as `speed` and `step_phases` time it.
 """
 
 from __future__ import annotations
@@ -71,3 +72,18 @@ def keras_step(family: str, size: int, sharded: bool, all_column: bool = False, 
         shape = model.compute_output_shape({k: v.shape for k, v in x.items()} if isinstance(x, dict) else x.shape)
         y = np.zeros(shape, "float32")
     return model, x, y
+
+
+def warmed_reference(family: str, size: int):
+    """(model, optimizer, x) of the hand-written step in this rank, the allocator put back
+    (`ordinary_malloc`) and `WARMUP` steps taken: ready to time."""
+    from bench.harness.families import sample_batch
+    from bench.tools import tp_reference
+
+    ordinary_malloc()
+    model = tp_reference.build_reference(family, size)
+    optimizer = tp_reference.make_optimizer(model)
+    x = sample_batch(family, size)
+    for _ in range(WARMUP):
+        tp_reference.reference_step(model, optimizer, x)
+    return model, optimizer, x

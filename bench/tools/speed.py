@@ -85,16 +85,11 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
     import numpy as np
     import torch
 
-    from bench.harness.families import sample_batch
     from bench.tools import tp_reference
+    from bench.tools.keras_variants import warmed_reference
     from bench.tools.op_count import count_ops
 
-    ordinary_malloc()
-    model = tp_reference.build_reference(family, size)
-    optimizer = tp_reference.make_optimizer(model)
-    x = sample_batch(family, size)
-    for _ in range(WARMUP):
-        tp_reference.reference_step(model, optimizer, x)
+    model, optimizer, x = warmed_reference(family, size)
     times, cpus = _timed(lambda: tp_reference.reference_step(model, optimizer, x), steps)
     xs = np.concatenate([x.numpy()] * fit_batches)
     rows = x.shape[0]
