@@ -13,10 +13,12 @@ hand-written step, its forward, ``backward``, ``optimizer.step`` and the rest (i
 the rest). It also reads each thread's CPU from ``/proc/self/task`` (Linux) around the timed
 steps: the collectives' threads (gloo's) apart from the main thread.
 
-``--skip-collectives`` adds shardimpl's step with ``torch.distributed.all_reduce`` replaced by a
-no-op (the calls shardimpl's local paths make; a redistribution DTensor runs itself still
-communicates): a diagnostic of shardimpl's own CPU against the floor, not a valid training step
-(its results are wrong, and nothing checks them). Each variant also reports how many
+``--skip-collectives`` adds shardimpl's step and the hand-written step with
+``torch.distributed.all_reduce`` replaced by a no-op (the calls shardimpl's local paths make; a
+redistribution DTensor runs itself still communicates): diagnostics, not valid training steps
+(their results are wrong, and nothing checks them). Against the floor, the first is shardimpl's
+own CPU; against each step with its collectives, what the collectives cost the main thread,
+the waits' cold caches included. Each variant also reports how many
 ``all_reduce`` calls a step made, so that the skipped step is seen to make the same calls.
 
 Thread CPU comes in clock ticks (1/100 s here): over 100 steps, 0.1 ms a step.
@@ -42,6 +44,7 @@ from bench.tools.keras_variants import MiB, WARMUP  # noqa: E402
 __all__ = ["run_keras", "run_reference", "thread_cpu", "main"]
 
 SHARDED, SKIPPED, FLOOR, REFERENCE = "shardimpl", "collectives skipped", "stock, one rank's shapes", "hand-written"
+REFERENCE_SKIPPED = "hand-written, skipped"  # the hand-written step, its all_reduce calls made but not issued
 KERAS_PHASES = ("forward", "loss", "backward", "optimizer", "metrics", "rest")
 REFERENCE_PHASES = ("forward", "backward", "optimizer", "rest")
 
@@ -165,14 +168,14 @@ def run_keras(family: str, size: int, variant: str, steps: int) -> dict:
     return {"phases": medians, "threads": threads, "all_reduces_per_step": calls["n"] / steps}
 
 
-def run_reference(family: str, size: int, steps: int) -> dict:
-    """In a rank: the hand-written step's phases and threads."""
+def run_reference(family: str, size: int, steps: int, skip: bool = False) -> dict:
+    """In a rank: the hand-written step's phases and threads (``skip``: its all_reduce calls not issued)."""
     from bench.tools import tp_reference
     from bench.tools.keras_variants import warmed_reference
 
     model, optimizer, x = warmed_reference(family, size)
     phases = _Phases()
-    calls = _count_all_reduces(skip=False)
+    calls = _count_all_reduces(skip=skip)
     model.forward = phases.timed("forward", model.forward)
     optimizer.step = phases.timed("optimizer", optimizer.step)
     with _backward_timed(phases):
@@ -200,12 +203,12 @@ def measure(family: str, size: int, ranks: int, steps: int, repeats: int, skip: 
     """{variant: [rank 0's result per repeat]}, variants launched in turn within each repeat."""
     from shardimpl import launch
 
-    variants = [SHARDED] + ([SKIPPED] if skip else []) + [FLOOR, REFERENCE]
+    variants = [SHARDED] + ([SKIPPED] if skip else []) + [FLOOR, REFERENCE] + ([REFERENCE_SKIPPED] if skip else [])
     out = {v: [] for v in variants}
     for _ in range(repeats):
         for variant in variants:
-            if variant == REFERENCE:
-                rows = launch.run(run_reference, ranks, family, size, steps, timeout=900)
+            if variant in (REFERENCE, REFERENCE_SKIPPED):
+                rows = launch.run(run_reference, ranks, family, size, steps, variant == REFERENCE_SKIPPED, timeout=900)
             else:
                 rows = launch.run(run_keras, ranks, family, size, variant, steps, timeout=900)
             if rows[0].status != "ok":
@@ -243,7 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-collectives", action="store_true",
-                   help="also time shardimpl's step with all_reduce a no-op (its own CPU; not a valid step)")
+                   help="also time shardimpl's and the hand-written step with all_reduce a no-op "
+                        "(shardimpl's own CPU, the collectives' cost; not valid steps)")
     args = p.parse_args(argv)
     results = measure(args.family, int(args.size_mib * MiB), args.ranks, args.steps, args.repeats,
                       args.skip_collectives)
