@@ -71,7 +71,7 @@ def _grads(model, family, batch):
             g = g.full_tensor()
         grads[v.path] = g.detach().cpu().numpy()
         v.value.grad = None
-    return float(loss), grads, layouts_kept
+    return float(loss.detach()), grads, layouts_kept
 
 
 def fsdp_run(family):

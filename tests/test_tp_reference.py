@@ -87,7 +87,7 @@ def test_step_phases_times_every_phase_of_each_variant_and_skips_only_the_collec
     assert calls[sp.SHARDED] == calls[sp.SKIPPED] == calls[sp.REFERENCE] == calls[sp.REFERENCE_SKIPPED] == 3
     assert calls[sp.FLOOR] == 0
     printed = capsys.readouterr().out
-    assert "phase (main-thread CPU ms)" in printed and "all_reduce calls per step" in printed
+    assert "main-thread CPU, ms" in printed and "all_reduce calls per step" in printed
     assert "CPU ms per step by thread" in printed
 
 

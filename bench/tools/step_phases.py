@@ -23,8 +23,8 @@ the waits' cold caches included. Each variant also reports how many
 
 Thread CPU comes in clock ticks (1/100 s here): over 100 steps, 0.1 ms a step.
 
-Prints, per phase, the median over the run's steps, one figure per repeat, and per thread group
-the CPU per step. docs/layouts-and-speed.md ("a sixth round") has what it found.
+Prints, per variant and phase, the median over a launch's steps (the lowest and highest over
+repeats), and per thread group the CPU per step. docs/layouts-and-speed.md ("a sixth round") has what it found.
 """
 
 from __future__ import annotations
@@ -218,21 +218,26 @@ def measure(family: str, size: int, ranks: int, steps: int, repeats: int, skip: 
 
 
 def table(results: dict) -> list[str]:
-    """One line per phase (and the step), one column per variant: the repeats' figures."""
+    """One line per variant, one column per phase (and the step): the repeats' figures, as
+    "low-high" where they differ; then the all_reduce calls and the CPU by thread."""
     def cell(variant, phase):
-        figures = [r["phases"].get(phase) for r in results[variant]]
-        return ", ".join(f"{f:.2f}" for f in figures if f is not None) or "-"
+        figures = sorted(r["phases"][phase] for r in results[variant] if phase in r["phases"])
+        if not figures:
+            return "-"
+        low, high = f"{figures[0]:.1f}", f"{figures[-1]:.1f}"
+        return low if low == high else f"{low}-{high}"
 
-    width = max(22, *(len(v) + 2 for v in results))
-    lines = [f"{'phase (main-thread CPU ms)':28}" + "".join(f"{v:>{width}}" for v in results)]
-    for phase in KERAS_PHASES + ("step",):
-        lines.append(f"{phase:28}" + "".join(f"{cell(v, phase):>{width}}" for v in results))
+    label = max(len(v) for v in results) + 2
+    columns = KERAS_PHASES + ("step",)
+    lines = [f"{'main-thread CPU, ms':{label}}" + "".join(f"{c:>12}" for c in columns)]
+    for variant in results:
+        lines.append(f"{variant:{label}}" + "".join(f"{cell(variant, c):>12}" for c in columns))
     lines.append("all_reduce calls per step: " + ", ".join(
         f"{v} {results[v][0]['all_reduces_per_step']:g}" for v in results))
     lines.append("CPU ms per step by thread (each repeat):")
     for variant, runs in results.items():
         lines.append(f"  {variant}: " + " | ".join(
-            ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(r["threads"].items(), key=lambda kv: -kv[1]))
+            ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(r["threads"].items(), key=lambda kv: -kv[1]))
             for r in runs))
     return lines
 
@@ -252,7 +257,7 @@ def main(argv=None) -> int:
     results = measure(args.family, int(args.size_mib * MiB), args.ranks, args.steps, args.repeats,
                       args.skip_collectives)
     print(f"{args.family}, {args.size_mib:g} MiB, N={args.ranks}: rank 0, median of {args.steps} steps per "
-          f"launch, one figure per repeat (the hand-written step's loss is in its rest)")
+          f"launch, lowest-highest over {args.repeats} repeats (the hand-written step's loss is in its rest)")
     print("\n".join(table(results)))
     return 0
 
