@@ -34,6 +34,7 @@ import contextlib
 import os
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 
@@ -71,7 +72,7 @@ def thread_cpu() -> dict:
 
 def _per_thread_group(before: dict, after: dict, steps: int) -> dict:
     """CPU ms per step by thread group: the main thread (this one) and the others by name."""
-    main = str(__import__("threading").get_native_id())
+    main = str(threading.get_native_id())
     groups = defaultdict(float)
     for tid, (name, seconds) in after.items():
         spent = seconds - before.get(tid, (name, 0.0))[1]
