@@ -200,7 +200,10 @@ def _settle_input(equation: str, x: DTensor, w: DTensor):
     """``x`` laid out as a row of the table expects, or None: a Partial(sum) input summed once
     (Megatron's g, kept on the input so that the layers sharing it reduce it once); a whole input
     of a kernel split along the contracted dim cut to this rank's block (no communication
-    forward; DTensor all-gathers its gradient backward)."""
+    forward; DTensor all-gathers its gradient backward), the cut kept on the input too: the
+    layers reading it (keras-hub Llama's query, key and value kernels split along the hidden
+    dim) share one cut, autograd sums their gradients into it, and one all-gather serves them
+    all, not one per layer."""
     letters = _letters(equation)
     if letters is None:
         return None
@@ -215,7 +218,11 @@ def _settle_input(equation: str, x: DTensor, w: DTensor):
     placements = tuple(x.placements)
     wanted = _wanted_input(letters, x.ndim, w.ndim, placements, tuple(w.placements))
     if wanted != placements:
-        x = x.redistribute(x.device_mesh, wanted)
+        kept = getattr(x, "_shardimpl_cut", None)
+        if kept is None or kept[0] != wanted:
+            kept = (wanted, x.redistribute(x.device_mesh, wanted))
+            x._shardimpl_cut = kept
+        x = kept[1]
     return x
 
 

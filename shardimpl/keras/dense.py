@@ -4,8 +4,13 @@ Inside shardimpl's context (a step, a direct call), a Dense or EinsumDense layer
 is a DTensor runs its matmul on the local blocks with the collectives the layouts imply
 (`shardimpl.tp_einsum.local_einsum`), then adds its bias and applies its activation as Keras
 does. A row-parallel output (Partial) with a bias is reduced first (one all-reduce; the bias
-is added once); without a bias it stays Partial and is reduced once where it is laid out
-(the layer's output layout) or consumed. Where the output is not Partial and the bias's layout
+is added once). Without a bias it stays Partial only where the distribution lays the layer's
+output out (``"<layer path>/output"`` in its LayoutMap): that layout reduces it once, a
+reduce-scatter for sequence parallelism. With no such layout it is all-reduced at once, as
+Megatron's g: left Partial, DTensor reduced it where it was consumed, once per consumer (a
+keras-hub Gemma block's residual add, its norm's square, the next projections), and moved the
+residual stream's gradients between Partial and Replicate in backward: 32 collectives a step at
+N = 2 where the hand-written layout needs 13. Where the output is not Partial and the bias's layout
 matches it (split with the output's last dim, or replicated), the bias add and an elementwise
 activation (`ELEMENTWISE`) run on the local block too, and the result is wrapped once: no
 DTensor dispatch forward or backward for them. Anything the local einsum has no rule for (LoRA,
@@ -19,6 +24,7 @@ import functools
 
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
+from shardimpl.keras.active import current_distribution
 from shardimpl.keras.context import is_within
 from shardimpl.keras import dense_plan
 from shardimpl.local_views import from_local, from_spec, layout_of, sum_partial
@@ -44,12 +50,21 @@ def _kernel(layer):
     return value if isinstance(value, DTensor) else None
 
 
+def _laid_out(layer) -> bool:
+    """Whether the current distribution lays this layer's output out (Keras' ``Layer.__call__``
+    looks up ``"<layer path>/output"`` after the call; here, inside it, the same path)."""
+    from keras.src.backend.common.name_scope import current_path
+
+    lookup = getattr(current_distribution(), "get_tensor_layout", None)
+    return lookup is not None and bool(lookup(current_path() + "/output"))
+
+
 def _finish(layer, x):
     from keras.src import ops
 
+    if isinstance(x, DTensor) and (layer.bias is not None or not _laid_out(layer)):
+        x = sum_partial(x)
     if layer.bias is not None:
-        if isinstance(x, DTensor):
-            x = sum_partial(x)
         x = ops.add(x, layer.bias)
     if layer.activation is not None:
         x = layer.activation(x)
@@ -92,8 +107,8 @@ def _finish_local(layer, parts, record: dict | None = None):
     if layer.activation is not None and layer.activation not in _elementwise_functions():
         return None
     partial = any(p.is_partial() for p in placements)
-    if partial and layer.bias is None and layer.activation in (None, activations.linear):
-        # Stays Partial: reduced once, where laid out.
+    if partial and layer.bias is None and layer.activation in (None, activations.linear) and _laid_out(layer):
+        # Stays Partial: reduced once, by the output's layout.
         return _wrapped(y, mesh, placements, shape, record, sum_groups=(), bias=None, bias_grads=None,
                         apply_activation=False)
     summed = tuple(Replicate() if p.is_partial() else p for p in placements)

@@ -11,6 +11,16 @@ an all-gather and a local slice per call).
 keys and values to the query heads) runs on the local block: each rank's block of the repeated
 tensor is its own block repeated, wherever the axis is replicated, or split evenly. DTensor ran it
 as four dispatches forward and as many backward per call. Other cases: Keras' own.
+
+``matmul(x, kernel)`` with a 2-D DTensor kernel (a reversible embedding's LM head, ``x @
+transpose(table)``; a custom layer's ``ops.matmul(x, self.kernel)``) inside shardimpl's context
+runs as a sharded Dense does (`shardimpl.tp_einsum.local_einsum`): on the local blocks, with
+Megatron's f on ``x`` where the kernel is split along its output dim (``x``'s gradient
+all-reduced once, in backward). DTensor's own matmul left that gradient Partial: it flowed back
+through the final norm and every residual add as a partial sum, and each sublayer's output
+gradient was all-reduced again where it met a replicated layout (4 extra all-reduces a step in a
+2-block keras-hub Gemma at N = 2). Operands of different or non-float dtypes, other layouts:
+Keras' own.
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ import functools
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 
-__all__ = ["wrap_slice_update", "wrap_repeat"]
+from shardimpl.keras.context import is_within
+
+__all__ = ["wrap_slice_update", "wrap_repeat", "wrap_matmul"]
 
 
 def wrap_slice_update(original):
@@ -65,3 +77,18 @@ def wrap_repeat(original):
         return from_local(local, x.device_mesh, x.placements, tuple(shape))
 
     return repeat
+
+
+def wrap_matmul(original):
+    @functools.wraps(original)
+    def matmul(x1, x2):
+        if (isinstance(x2, DTensor) and x2.ndim == 2 and isinstance(x1, torch.Tensor) and 2 <= x1.ndim <= 8
+                and x1.dtype == x2.dtype and x2.dtype.is_floating_point and is_within()):
+            from shardimpl.tp_einsum import dense_equation, local_einsum
+
+            out = local_einsum(dense_equation(x1.ndim), x1, x2)
+            if out is not None:
+                return out
+        return original(x1, x2)
+
+    return matmul

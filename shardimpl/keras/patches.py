@@ -192,6 +192,10 @@ def patch_table() -> list[Patch]:
                       "a DTensor repeated by an integer along an axis (GroupQueryAttention's key-value heads) "
                       "on the local block; DTensor took four dispatches forward and backward",
                       _one(torch_numpy), ops.wrap_repeat))
+    rows.append(Patch("<torch numpy>", "matmul",
+                      "x @ a sharded 2-D kernel (a reversible embedding's LM head) on local blocks with "
+                      "Megatron's f; DTensor left x's gradient Partial, reduced again at every residual add",
+                      _one(torch_numpy), ops.wrap_matmul))
     rows.append(Patch("<torch core>", "remat",
                       "keras.RematScope's checkpoints free recomputed tensors at once: torch's early "
                       "stop left them in a traceback's reference cycle until the garbage collector ran",
