@@ -16,6 +16,11 @@ cross-entropy does, on each rank's block of the logits:
 Memory per rank: the local block of the exponentials (float32), 1/M of the whole logits'. The
 loss per position comes back replicated along the vocabulary's mesh axis and split like the
 logits along the others (a batch split along "batch" stays split). Torch only.
+
+`argmax` is the predicted token the same way (keras-hub CausalLMs' default accuracy metric, a
+greedy sampler): DTensor's ``argmax`` over the split dim all-gathered the logits whole on every
+rank, every step; here each rank's best value and its global index, one all-gather of two
+numbers per position.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from shardimpl.layout import local_shard_bounds
 from shardimpl.local_views import from_local, sum_over_groups, to_local
 from shardimpl.mesh import mesh_coordinate
 
-__all__ = ["vocab_axis", "cross_entropy", "mean_over_vocabulary"]
+__all__ = ["vocab_axis", "cross_entropy", "mean_over_vocabulary", "argmax"]
 
 
 def vocab_axis(logits) -> int | None:
@@ -126,6 +131,45 @@ def mean_over_vocabulary(elementwise, logits: DTensor, target) -> DTensor:
     summed = sum_over_groups(elementwise(local_target, local_logits).sum(dim=-1), [mesh.get_group(axis)])
     out_placements = tuple(Replicate() if i == axis else p for i, p in enumerate(placements))
     return from_local(summed / logits.shape[-1], mesh, out_placements, tuple(logits.shape[:-1]))
+
+
+def argmax(logits: DTensor, dtype: torch.dtype = torch.int64) -> DTensor:
+    """``torch.argmax(logits, dim=-1)`` for float ``logits`` split along their last dim
+    (`vocab_axis`), as ``dtype``: the first index of the largest value (NaN counting as the
+    largest, as torch's), never gathering the logits.
+
+    Each rank takes its block's argmax and that value; one all-gather of (value, global index)
+    per position in the vocabulary axis' group, as float64 (a float32 value and an index below
+    2**53 are exact there); torch's argmax over the ranks' values picks the first rank holding
+    the largest, which is the first index overall (blocks are in rank order). A rank with an
+    empty block (uneven split) offers -inf. Returns a DTensor laid out as `cross_entropy`'s
+    result: replicated along the vocabulary axis. Memory: two numbers per position per rank.
+    """
+    axis = vocab_axis(logits)
+    if axis is None or not logits.dtype.is_floating_point:
+        raise ValueError("argmax needs float logits split along their last dim on one mesh axis. Received: "
+                         f"dtype={logits.dtype}, placements={getattr(logits, 'placements', None)}; use "
+                         "torch.argmax for other layouts.")
+    mesh = logits.device_mesh
+    local = logits.to_local().detach()  # no gradient: an index
+    offsets, _ = local_shard_bounds(tuple(logits.shape), tuple(mesh.shape), tuple(logits.placements),
+                                    mesh_coordinate(mesh))
+    if local.shape[-1]:
+        index = local.argmax(dim=-1, keepdim=True)
+        mine = torch.cat([local.gather(-1, index).double(), (index + int(offsets[-1])).double()], dim=-1)
+    else:
+        mine = torch.full((*local.shape[:-1], 2), float("-inf"), dtype=torch.float64, device=local.device)
+        mine[..., 1] = 0
+    group = mesh.get_group(axis)
+    ranks = dist.get_world_size(group)
+    every = torch.empty((ranks * mine.numel() // 2, 2), dtype=mine.dtype, device=mine.device)
+    dist.all_gather_single(every, mine.reshape(-1, 2).contiguous(), group=group)
+    every = every.view(ranks, *mine.shape)
+    best = every[..., 0].argmax(dim=0, keepdim=True)
+    local_out = every[..., 1].gather(0, best).squeeze(0).to(dtype)
+    out_placements = tuple(Replicate() if i == axis else p for i, p in enumerate(logits.placements))
+    return DTensor.from_local(local_out, mesh, out_placements, run_check=False,
+                              shape=tuple(logits.shape[:-1]), stride=_contiguous_stride(logits.shape[:-1]))
 
 
 def _local_target(target, logits, placements):

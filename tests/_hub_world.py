@@ -108,10 +108,29 @@ def sharded_checks(name, mesh_shape, tmpdir):
         full += t.numel() * t.element_size()
         local += (t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size()
     out = _checks(lm, tmpdir)
+    out["collectives"] = _collectives_of_a_step(lm)  # after the compared results: its step changes nothing compared
     out["initial"] = initial
     out["local_bytes"], out["full_bytes"] = local, full
     out["layout_map"] = {k: str(layout_map[k].axes) for k in layout_map}
     return out
+
+
+def _collectives_of_a_step(lm) -> dict:
+    """The c10d collectives one more train step issues (torch.profiler's events), by kind:
+    "all_reduce", "all_gather", or the event's own name for any other."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    x, y, w = data()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lm.train_on_batch(x, y, sample_weight=w)
+    kinds = collections.Counter()
+    for event in prof.events():
+        if event.name.startswith("c10d::"):
+            name = event.name
+            kinds["all_reduce" if "allreduce" in name else "all_gather" if "allgather" in name else name] += 1
+    return dict(kinds)
 
 
 def reference_checks(name, initial, tmpdir):

@@ -97,3 +97,50 @@ def keras_transformer_losses(sharded: bool, initial=None, steps: int = 3):
     x, y = training.train_data("transformer", size, train)
     losses = [float(model.train_on_batch(x.numpy(), y.numpy())) for _ in range(steps)]
     return {"losses": losses, "weights": model.get_weights(), "initial": start, "vocab_parallel_calls": calls["n"]}
+
+
+def argmax_matches_torch(mesh_shape):
+    """`vocab_parallel.argmax` against torch.argmax on the whole logits: even and uneven
+    vocabularies, a tie across the ranks' blocks, a NaN, float32 and bfloat16, 1-D and (batch,
+    model) meshes; what it gathers (bytes), its placements, and its error for other layouts."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from shardimpl import vocab_parallel
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    placements = (Shard(2),) if len(mesh_shape) == 1 else (Shard(0), Shard(2))
+    gathered = []
+    original = dist.all_gather_single
+
+    def counting(output, input, *args, **kwargs):
+        gathered.append(output.numel() * output.element_size())
+        return original(output, input, *args, **kwargs)
+
+    dist.all_gather_single = counting
+    out = {}
+    try:
+        for vocab in (16, 7):
+            for dtype in (torch.float32, torch.bfloat16):
+                g = torch.Generator().manual_seed(vocab)
+                logits = torch.randn(4, 6, vocab, generator=g).to(dtype)
+                logits[0, 0, :] = 1.0  # every entry equal: the first index wins
+                logits[1, 1, vocab - 1] = logits[1, 1, 0] = 9.0  # a tie across the first and the last block
+                logits[2, 2, vocab // 2 + 1] = float("nan")  # NaN counts as the largest, as torch's
+                ids = vocab_parallel.argmax(distribute_tensor(logits, mesh, placements), dtype=torch.int32)
+                key = f"vocab{vocab}-{str(dtype).split('.')[-1]}"
+                out[key] = {"equal": bool(torch.equal(ids.full_tensor(), logits.argmax(-1).int())),
+                            "dtype": str(ids.dtype), "placements": str(tuple(ids.placements))}
+        gathered.clear()
+        vocab_parallel.argmax(distribute_tensor(torch.randn(8, 64, 1024), mesh, placements))
+        out["gathered_bytes"] = sum(gathered)
+    finally:
+        dist.all_gather_single = original
+    try:
+        vocab_parallel.argmax(distribute_tensor(torch.randn(4, 8), mesh, (Replicate(),) * len(mesh_shape)))
+        out["error"] = None
+    except ValueError as exc:
+        out["error"] = str(exc)
+    return out

@@ -39,3 +39,17 @@ def test_a_vocabulary_split_lm_head_trains_as_stock_keras():
         assert max_rel_diff(r["losses"], stock["losses"]) <= 1e-5, (r["losses"], stock["losses"])
         for got, want in zip(r["weights"], stock["weights"]):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)])
+def test_argmax_over_split_logits_equals_torch_and_gathers_two_numbers_per_position(mesh_shape):
+    for r in ok_values(launch.run(_vocab_parallel_world.argmax_matches_torch, int(np.prod(mesh_shape)), mesh_shape,
+                                  timeout=180)):
+        for case in ("vocab16-float32", "vocab7-float32", "vocab16-bfloat16", "vocab7-bfloat16"):
+            assert r[case]["equal"], (case, r)  # ties across blocks and NaN included; 7 over 2: uneven
+            assert r[case]["dtype"] == "torch.int32" and "Replicate" in r[case]["placements"]
+        # 8 x 64 positions: (value, index) as float64 from each of the 2 vocabulary ranks; the
+        # 2 x 2 mesh's batch split halves the positions. The logits themselves: 2 MiB.
+        positions = 8 * 64 // (2 if len(mesh_shape) == 2 else 1)
+        assert r["gathered_bytes"] == 2 * positions * 2 * 8, r
+        assert "split along their last dim" in r["error"]

@@ -21,6 +21,10 @@ through the final norm and every residual add as a partial sum, and each sublaye
 gradient was all-reduced again where it met a replicated layout (4 extra all-reduces a step in a
 2-block keras-hub Gemma at N = 2). Operands of different or non-float dtypes, other layouts:
 Keras' own.
+
+``argmax`` over the last axis of float logits split along it (a vocabulary-split LM head's, in
+keras-hub CausalLMs' default accuracy metric and greedy sampling) is
+`shardimpl.vocab_parallel.argmax`: two numbers per position gathered, not the logits.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.keras.context import is_within
 
-__all__ = ["wrap_slice_update", "wrap_repeat", "wrap_matmul"]
+__all__ = ["wrap_slice_update", "wrap_repeat", "wrap_matmul", "wrap_argmax"]
 
 
 def wrap_slice_update(original):
@@ -92,3 +96,18 @@ def wrap_matmul(original):
         return original(x1, x2)
 
     return matmul
+
+
+def wrap_argmax(original):
+    @functools.wraps(original)
+    def argmax(x, axis=None, keepdims=False):
+        if (isinstance(x, DTensor) and isinstance(axis, int) and x.dtype.is_floating_point
+                and axis in (-1, x.ndim - 1)):
+            from shardimpl import vocab_parallel
+
+            if vocab_parallel.vocab_axis(x) is not None:
+                out = vocab_parallel.argmax(x, dtype=torch.int32)
+                return out.unsqueeze(-1) if keepdims else out
+        return original(x, axis=axis, keepdims=keepdims)
+
+    return argmax

@@ -196,6 +196,10 @@ def patch_table() -> list[Patch]:
                       "x @ a sharded 2-D kernel (a reversible embedding's LM head) on local blocks with "
                       "Megatron's f; DTensor left x's gradient Partial, reduced again at every residual add",
                       _one(torch_numpy), ops.wrap_matmul))
+    rows.append(Patch("<torch numpy>", "argmax",
+                      "argmax over vocabulary-split logits (an accuracy metric, greedy sampling) from each "
+                      "rank's best value and index; DTensor gathered the whole logits on every rank",
+                      _one(torch_numpy), ops.wrap_argmax))
     rows.append(Patch("<torch core>", "remat",
                       "keras.RematScope's checkpoints free recomputed tensors at once: torch's early "
                       "stop left them in a traceback's reference cycle until the garbage collector ran",
