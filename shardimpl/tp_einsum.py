@@ -20,6 +20,12 @@ Shard(the contracted     Shard(the contracted   Partial                  nothing
                                                                          layout or DTensor, once)
 =======================  =====================  =======================  =================================
 
+An einsum of two activations (attention's scores and weighted values, in keras-hub's Gemma and
+Keras' MultiHeadAttention) that both split along the same letter, which the output keeps (the
+heads, the batch), is independent per slice of that letter: `local_batched_einsum` runs it on the
+local blocks with no collective forward or backward (DTensor decomposed it into a dozen
+dispatches forward and as many backward).
+
 Before the table, the input is settled: a Partial(sum) input is summed once (one all-reduce,
 shared by the layers reading it), and a whole input of a kernel split along the contracted dim
 is cut to this rank's block (its gradient all-gathered backward). Any other combination (a
@@ -39,7 +45,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from shardimpl.fsdp import is_gathered, local_saves
 from shardimpl.local_views import from_local, sum_partial, to_local
 
-__all__ = ["local_einsum", "local_einsum_parts", "local_contract", "dense_equation"]
+__all__ = ["local_einsum", "local_einsum_parts", "local_contract", "dense_equation", "local_batched_einsum"]
 
 
 class _AllReduceGrad(torch.autograd.Function):
@@ -56,6 +62,20 @@ class _AllReduceGrad(torch.autograd.Function):
         for group in ctx.groups:
             dist.all_reduce(grad, group=group)
         return grad, None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; backward, the gradient made contiguous: einsum's backward hands back
+    permuted views, and DTensor's view rules, running on what they become, need contiguous
+    local blocks (a reshape's backward failed on a (batch, model) mesh)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def dense_equation(ndim: int) -> str | None:
@@ -293,3 +313,47 @@ def _matmul_letters(equation: str) -> int | None:
         if xs[len(xs) - k:] == ws[:k] and out == xs[: len(xs) - k] + ws[k:]:
             return k
     return None
+
+
+def local_batched_einsum(equation: str, a, b):
+    """``einsum(equation, a, b)`` of two DTensors laid out alike along a shared letter (module
+    docstring): on each mesh axis both replicated, or both split along the same letter, which
+    the output keeps; the output split along it. On the local blocks, no collective forward or
+    backward; None for anything else (the caller runs DTensor's einsum)."""
+    if not (isinstance(a, DTensor) and isinstance(b, DTensor)) or a.device_mesh != b.device_mesh or a.dtype != b.dtype:
+        return None
+    placements = _batched_plan(equation, tuple(a.shape), tuple(b.shape), tuple(a.placements), tuple(b.placements))
+    if placements is None:
+        return None
+    with local_saves():
+        y = torch.einsum(equation, _ContiguousGrad.apply(to_local(a)), _ContiguousGrad.apply(to_local(b)))
+    xs, ws, out = _letters(equation)
+    shape = tuple(a.shape[xs.index(c)] if c in xs else b.shape[ws.index(c)] for c in out)
+    return from_local(y.contiguous(), a.device_mesh, placements, shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _batched_plan(equation: str, a_shape: tuple, b_shape: tuple, a_placements: tuple, b_placements: tuple):
+    """`local_batched_einsum`'s output placements, or None where its rule does not hold."""
+    letters = _letters(equation)
+    if letters is None:
+        return None
+    xs, ws, out = letters
+    if len(xs) != len(a_shape) or len(ws) != len(b_shape) or len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
+        return None
+    placements, used = [], set()
+    for pa, pb in zip(a_placements, b_placements):
+        if pa.is_replicate() and pb.is_replicate():
+            placements.append(Replicate())
+            continue
+        if not (type(pa) is Shard and type(pb) is Shard):  # Partial, or DTensor's strided shards
+            return None
+        letter = xs[pa.dim % len(xs)]
+        if ws[pb.dim % len(ws)] != letter or letter not in out or letter in used:
+            return None
+        if a_shape[xs.index(letter)] != b_shape[ws.index(letter)]:  # a broadcast size-1 dim
+            return None
+        used.add(letter)
+        placements.append(Shard(out.index(letter)))
+    return tuple(placements)
+

@@ -148,3 +148,42 @@ def dense_bias_and_activation_on_local_blocks():
     got = out.full_tensor() if isinstance(out, DTensor) else out
     return {"dispatches": seen, "max_abs": float(np.abs(got.detach().numpy() - expected).max()),
             "bias_grads": [v.value.grad is not None for v in model.trainable_variables if "bias" in v.path]}
+
+
+def batched_einsum_matches_whole(mesh_shape):
+    """`local_batched_einsum` (attention's scores and weighted values) against torch on whole
+    tensors, for heads split on a 1-D mesh and batch and heads split on a (2, 2) mesh: output,
+    both gradients, the output's placements and the collectives issued (none); None for
+    operands split along different letters."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from shardimpl.tp_einsum import local_batched_einsum
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    split = (Shard(2),) if len(mesh_shape) == 1 else (Shard(0), Shard(2))  # heads; batch and heads
+    g = torch.Generator().manual_seed(3)
+    q_full, k_full = torch.randn(4, 5, 6, 3, generator=g), torch.randn(4, 7, 6, 3, generator=g)
+    out = {}
+    for eq, b_full in (("btnh,bsnh->bnts", k_full), ("bnts,bsnh->btnh", None)):
+        a_full = q_full if b_full is not None else torch.randn(4, 6, 5, 7, generator=g)
+        a_split = split if b_full is not None else tuple(Shard(0 if p.dim == 0 else 1) for p in split)
+        b_full = b_full if b_full is not None else torch.randn(4, 7, 6, 3, generator=g)
+        a = distribute_tensor(a_full, mesh, a_split).requires_grad_()
+        b = distribute_tensor(b_full, mesh, split).requires_grad_()
+        with CommDebugMode() as comm:
+            y = local_batched_einsum(eq, a, b)
+            (y * y).sum().backward()  # stays local: the sum's gradient is what each block gets
+        af, bf = a_full.clone().requires_grad_(), b_full.clone().requires_grad_()
+        want = torch.einsum(eq, af, bf)
+        (want * want).sum().backward()
+        out[eq] = {"y": float((y.full_tensor() - want).detach().abs().max()),
+                   "ga": float((a.grad.full_tensor() - af.grad).abs().max()),
+                   "gb": float((b.grad.full_tensor() - bf.grad).abs().max()),
+                   "placements": [str(p) for p in y.placements],
+                   "collectives": comm.get_total_counts()}
+    other = distribute_tensor(k_full, mesh, (Shard(1),) + (Replicate(),) * (len(mesh_shape) - 1))
+    out["different_letters"] = local_batched_einsum("btnh,bsnh->bnts", distribute_tensor(q_full, mesh, split), other)
+    return out

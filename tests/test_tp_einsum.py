@@ -49,3 +49,18 @@ def test_dense_bias_and_activation_run_on_local_blocks():
         assert r["dispatches"] == [], r["dispatches"]
         assert r["max_abs"] < 1e-5, r
         assert r["bias_grads"] == [True, True]
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)])
+def test_attention_einsums_split_alike_run_on_local_blocks_without_collectives(mesh_shape):
+    n = 2 if mesh_shape == (2,) else 4
+    for r in ok_values(launch.run(_tp_einsum_world.batched_einsum_matches_whole, n, mesh_shape, timeout=120)):
+        scores, values = r["btnh,bsnh->bnts"], r["bnts,bsnh->btnh"]
+        for case in (scores, values):
+            assert max(case["y"], case["ga"], case["gb"]) < 1e-4, case
+            assert case["collectives"] == 0, case  # none forward, none backward
+        # Split by heads (and by batch on the 2-D mesh), the output keeps the split.
+        assert scores["placements"][-1] == "S(1)" and values["placements"][-1] == "S(2)"
+        if mesh_shape == (2, 2):
+            assert scores["placements"][0] == "S(0)" and values["placements"][0] == "S(0)"
+        assert r["different_letters"] is None

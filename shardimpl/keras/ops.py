@@ -22,6 +22,9 @@ gradient was all-reduced again where it met a replicated layout (4 extra all-red
 2-block keras-hub Gemma at N = 2). Operands of different or non-float dtypes, other layouts:
 Keras' own.
 
+``einsum`` of two DTensors split alike along a letter the output keeps (attention's scores and
+weighted values, split by heads) runs on the local blocks (`shardimpl.tp_einsum.local_batched_einsum`).
+
 ``argmax`` over the last axis of float logits split along it (a vocabulary-split LM head's, in
 keras-hub CausalLMs' default accuracy metric and greedy sampling) is
 `shardimpl.vocab_parallel.argmax`: two numbers per position gathered, not the logits.
@@ -36,7 +39,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.keras.context import is_within
 
-__all__ = ["wrap_slice_update", "wrap_repeat", "wrap_matmul", "wrap_argmax"]
+__all__ = ["wrap_slice_update", "wrap_repeat", "wrap_matmul", "wrap_argmax", "wrap_einsum"]
 
 
 def wrap_slice_update(original):
@@ -111,3 +114,18 @@ def wrap_argmax(original):
         return original(x, axis=axis, keepdims=keepdims)
 
     return argmax
+
+
+def wrap_einsum(original):
+    @functools.wraps(original)
+    def einsum(subscripts, *operands, **kwargs):
+        if (len(operands) == 2 and not kwargs and isinstance(subscripts, str) and is_within()
+                and all(isinstance(x, DTensor) and x.dtype.is_floating_point for x in operands)):
+            from shardimpl.tp_einsum import local_batched_einsum
+
+            out = local_batched_einsum(subscripts.replace(" ", ""), *operands)
+            if out is not None:
+                return out
+        return original(subscripts, *operands, **kwargs)
+
+    return einsum

@@ -196,6 +196,10 @@ def patch_table() -> list[Patch]:
                       "x @ a sharded 2-D kernel (a reversible embedding's LM head) on local blocks with "
                       "Megatron's f; DTensor left x's gradient Partial, reduced again at every residual add",
                       _one(torch_numpy), ops.wrap_matmul))
+    rows.append(Patch("<torch numpy>", "einsum",
+                      "an einsum of two DTensors split alike along a letter the output keeps (attention "
+                      "split by heads) on the local blocks; DTensor decomposed it into a dozen dispatches",
+                      _one(torch_numpy), ops.wrap_einsum))
     rows.append(Patch("<torch numpy>", "argmax",
                       "argmax over vocabulary-split logits (an accuracy metric, greedy sampling) from each "
                       "rank's best value and index; DTensor gathered the whole logits on every rank",
