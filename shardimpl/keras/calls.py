@@ -30,6 +30,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate
 
 from shardimpl.keras.active import current_distribution, is_installed
+from shardimpl.keras import dense_plan
 from shardimpl.keras.context import is_within, layer_call, sharded_reads, step_context
 from shardimpl.mesh import local_device, to_torch_mesh
 
@@ -92,7 +93,10 @@ def to_plain(outputs):
 def wrap_layer_call(original):
     @functools.wraps(original)
     def __call__(self, *args, **kwargs):
-        distribution = current_distribution() if is_installed() and not is_within() else None
+        if is_within():
+            out = dense_plan.fast_call(self, args, kwargs)  # None unless a planned Dense call
+            return original(self, *args, **kwargs) if out is None else out
+        distribution = current_distribution() if is_installed() else None
         if distribution is None:
             return original(self, *args, **kwargs)
         mesh = to_torch_mesh(distribution.device_mesh)

@@ -50,13 +50,18 @@ def _kernel(layer):
     return value if isinstance(value, DTensor) else None
 
 
-def _laid_out(layer) -> bool:
-    """Whether the current distribution lays this layer's output out (Keras' ``Layer.__call__``
-    looks up ``"<layer path>/output"`` after the call; here, inside it, the same path)."""
+def _output_path() -> str:
+    """Where Keras' ``Layer.__call__`` looks up the output's layout after the call: here,
+    inside it, the same path."""
     from keras.src.backend.common.name_scope import current_path
 
+    return current_path() + "/output"
+
+
+def _laid_out(layer) -> bool:
+    """Whether the current distribution lays this layer's output out."""
     lookup = getattr(current_distribution(), "get_tensor_layout", None)
-    return lookup is not None and bool(lookup(current_path() + "/output"))
+    return lookup is not None and bool(lookup(_output_path()))
 
 
 def _finish(layer, x):
@@ -131,7 +136,7 @@ def _wrapped(y, mesh, placements, shape, record, *, bias, **decisions):
     """``y`` wrapped in its layout; the whole call's decisions added to ``record`` (if any)."""
     spec = layout_of(mesh, placements, shape, y.dtype)
     if record:  # the einsum's decisions were recordable: so are these
-        record.update(decisions, bias_value=bias, out_spec=spec)
+        record.update(decisions, bias_value=bias, out_spec=spec, output_path=_output_path())
     return from_spec(y, spec)
 
 
