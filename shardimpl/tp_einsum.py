@@ -99,6 +99,17 @@ def _letters(equation: str):
     return parts[0], parts[1], out
 
 
+def _operand_letters(equation: str, a_ndim: int, b_ndim: int):
+    """`_letters`, where each operand has one letter per dim and no letter twice; else None."""
+    letters = _letters(equation)
+    if letters is None:
+        return None
+    xs, ws, _ = letters
+    if len(xs) != a_ndim or len(ws) != b_ndim or len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
+        return None
+    return letters
+
+
 def _plan(equation: str, x: DTensor, w: DTensor):
     """Output placements, the input's and kernel's gradient placements and the axes whose input
     gradient is all-reduced (tuples); None where the table in the module docstring has no row."""
@@ -108,12 +119,10 @@ def _plan(equation: str, x: DTensor, w: DTensor):
 @functools.lru_cache(maxsize=4096)
 def _plan_for(equation: str, x_ndim: int, w_ndim: int, x_placements: tuple, w_placements: tuple):
     """`_plan` on the layouts alone (placements are values: cached per layout, not per call)."""
-    letters = _letters(equation)
+    letters = _operand_letters(equation, x_ndim, w_ndim)
     if letters is None:
         return None
     xs, ws, out = letters
-    if len(xs) != x_ndim or len(ws) != w_ndim or len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
-        return None
     out_placements, gx, gw, reduce_axes, used = [], [], [], [], set()
     for axis, (px, pw) in enumerate(zip(x_placements, w_placements)):
         if px.is_partial() or pw.is_partial():
@@ -335,12 +344,10 @@ def local_batched_einsum(equation: str, a, b):
 @functools.lru_cache(maxsize=4096)
 def _batched_plan(equation: str, a_shape: tuple, b_shape: tuple, a_placements: tuple, b_placements: tuple):
     """`local_batched_einsum`'s output placements, or None where its rule does not hold."""
-    letters = _letters(equation)
+    letters = _operand_letters(equation, len(a_shape), len(b_shape))
     if letters is None:
         return None
     xs, ws, out = letters
-    if len(xs) != len(a_shape) or len(ws) != len(b_shape) or len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
-        return None
     placements, used = [], set()
     for pa, pb in zip(a_placements, b_placements):
         if pa.is_replicate() and pb.is_replicate():
