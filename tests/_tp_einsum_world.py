@@ -187,3 +187,62 @@ def batched_einsum_matches_whole(mesh_shape):
     other = distribute_tensor(k_full, mesh, (Shard(1),) + (Replicate(),) * (len(mesh_shape) - 1))
     out["different_letters"] = local_batched_einsum("btnh,bsnh->bnts", distribute_tensor(q_full, mesh, split), other)
     return out
+
+
+def matmul_layer_steps(sharded: bool, initial=None, steps: int = 3):
+    """A model whose last layer is ``ops.matmul(x, self.kernel)`` (a custom layer, as keras-hub's
+    tied LM head), the kernel split along its output dim on N ranks, trained ``steps`` SGD steps
+    with MSE: the losses and final weights (against stock Keras from the same ``initial``), the
+    matmul's output placements and the all-reduces one step issues."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    import numpy as np
+    import torch.distributed as dist
+
+    class MatmulHead(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], 12), initializer="glorot_uniform", name="kernel")
+
+        def call(self, x):
+            return keras.ops.matmul(x, self.kernel)
+
+    if sharded:
+        import shardimpl
+
+        shardimpl.install()
+        mesh = keras.distribution.DeviceMesh((2,), ["model"], keras.distribution.list_devices())
+        lm = keras.distribution.LayoutMap(mesh)
+        lm["head/kernel"] = (None, "model")
+        keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=lm))
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((6,), batch_size=4)
+    model = keras.Model(inputs, MatmulHead(name="head")(keras.layers.Dense(8, activation="tanh", name="body")(inputs)))
+    start = model.get_weights()
+    if initial is not None:
+        model.set_weights(initial)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(4, 6)).astype("float32"), rng.normal(size=(4, 12)).astype("float32")
+    losses = [float(model.train_on_batch(x, y)) for _ in range(steps)]
+    out = {"losses": losses, "weights": model.get_weights(), "initial": start}
+    if sharded:
+        from shardimpl.keras.context import step_context
+
+        with step_context():
+            logits = model.get_layer("head")(model.get_layer("body")(x))
+        out["placements"] = [str(p) for p in logits.placements]
+        calls, original = {"n": 0}, dist.all_reduce
+
+        def counting(*args, **kwargs):
+            calls["n"] += 1
+            return original(*args, **kwargs)
+
+        dist.all_reduce = counting
+        try:
+            model.train_on_batch(x, y)
+        finally:
+            dist.all_reduce = original
+        out["all_reduces"] = calls["n"]
+    return out

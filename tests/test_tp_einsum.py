@@ -4,6 +4,7 @@ column-parallel layers that read the same input."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import _tp_einsum_world
@@ -64,3 +65,18 @@ def test_attention_einsums_split_alike_run_on_local_blocks_without_collectives(m
         if mesh_shape == (2, 2):
             assert scores["placements"][0] == "S(0)" and values["placements"][0] == "S(0)"
         assert r["different_letters"] is None
+
+
+def test_matmul_with_a_sharded_kernel_trains_as_stock_keras_with_megatrons_f():
+    sharded = ok_values(launch.run(_tp_einsum_world.matmul_layer_steps, 2, True, timeout=180))
+    stock = ok_values(launch.run(_tp_einsum_world.matmul_layer_steps, 1, False, sharded[0]["initial"],
+                                 timeout=180))[0]
+    assert stock["losses"][-1] < stock["losses"][0]
+    for r in sharded:
+        assert max_rel_diff(r["losses"], stock["losses"]) <= 1e-5, (r["losses"], stock["losses"])
+        for got, want in zip(r["weights"], stock["weights"]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert r["placements"] == ["S(1)"]  # the output split as the kernel's columns, never gathered
+        # One step: the mean squared error of the split output (one all-reduce of a float per row,
+        # `vocab_parallel.mean_over_vocabulary`) and Megatron's f on the matmul's input (one).
+        assert r["all_reduces"] == 2, r

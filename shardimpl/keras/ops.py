@@ -89,6 +89,8 @@ def wrap_repeat(original):
 def wrap_matmul(original):
     @functools.wraps(original)
     def matmul(x1, x2):
+        if not isinstance(x2, torch.Tensor) and isinstance(getattr(x2, "value", None), DTensor):
+            x2 = x2.value  # a Keras variable (``ops.matmul(x, self.kernel)``): its tensor, as Keras reads it
         if (isinstance(x2, DTensor) and x2.ndim == 2 and isinstance(x1, torch.Tensor) and 2 <= x1.ndim <= 8
                 and x1.dtype == x2.dtype and x2.dtype.is_floating_point and is_within()):
             from shardimpl.tp_einsum import dense_equation, local_einsum
