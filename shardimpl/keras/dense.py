@@ -9,7 +9,7 @@ output out (``"<layer path>/output"`` in its LayoutMap): that layout reduces it 
 reduce-scatter for sequence parallelism. With no such layout it is all-reduced at once, as
 Megatron's g: left Partial, DTensor reduced it where it was consumed, once per consumer (a
 keras-hub Gemma block's residual add, its norm's square, the next projections), and moved the
-residual stream's gradients between Partial and Replicate in backward: 32 collectives a step at
+residual stream's gradients between Partial and Replicate in backward: 30 all-reduces a step at
 N = 2 where the hand-written layout needs 13. Where the output is not Partial and the bias's layout
 matches it (split with the output's last dim, or replicated), the bias add and an elementwise
 activation (`ELEMENTWISE`) run on the local block too, and the result is wrapped once: no
