@@ -18,9 +18,9 @@ runs as a sharded Dense does (`shardimpl.tp_einsum.local_einsum`): on the local 
 Megatron's f on ``x`` where the kernel is split along its output dim (``x``'s gradient
 all-reduced once, in backward). DTensor's own matmul left that gradient Partial: it flowed back
 through the final norm and every residual add as a partial sum, and each sublayer's output
-gradient was all-reduced again where it met a replicated layout (4 extra all-reduces a step in a
-2-block keras-hub Gemma at N = 2). Operands of different or non-float dtypes, other layouts:
-Keras' own.
+gradient was all-reduced again where it met a replicated layout (18 all-reduces a step in a
+2-block keras-hub Gemma at N = 2 instead of 13). Operands of different or non-float dtypes,
+other layouts: Keras' own.
 
 ``einsum`` of two DTensors split alike along a letter the output keeps (attention's scores and
 weighted values, split by heads) runs on the local blocks (`shardimpl.tp_einsum.local_batched_einsum`).
