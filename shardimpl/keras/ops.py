@@ -89,8 +89,10 @@ def wrap_repeat(original):
 def wrap_matmul(original):
     @functools.wraps(original)
     def matmul(x1, x2):
-        if not isinstance(x2, torch.Tensor) and isinstance(getattr(x2, "value", None), DTensor):
-            x2 = x2.value  # a Keras variable (``ops.matmul(x, self.kernel)``): its tensor, as Keras reads it
+        if not isinstance(x2, torch.Tensor) and hasattr(type(x2), "value"):  # a Keras variable
+            if not _read_as_it_is(x2):
+                return original(x1, x2)  # gathered for FSDP: Keras' own matmul, as before
+            x2 = x2.value  # ``ops.matmul(x, self.kernel)``: its tensor, as Keras reads it
         if (isinstance(x2, DTensor) and x2.ndim == 2 and isinstance(x1, torch.Tensor) and 2 <= x1.ndim <= 8
                 and x1.dtype == x2.dtype and x2.dtype.is_floating_point and is_within()):
             from shardimpl.tp_einsum import dense_equation, local_einsum
@@ -101,6 +103,18 @@ def wrap_matmul(original):
         return original(x1, x2)
 
     return matmul
+
+
+def _read_as_it_is(variable) -> bool:
+    """Whether a layer reads ``variable`` as its own DTensor (not gathered along the data axis
+    for FSDP, whose gathered blocks DTensor's ops save as re-gather tokens)."""
+    raw = getattr(variable, "_value", None)
+    if not isinstance(raw, DTensor):
+        return False
+    from shardimpl.keras.active import current_distribution
+    from shardimpl.keras.fsdp import gather_axis
+
+    return gather_axis(raw, current_distribution()) is None
 
 
 def wrap_argmax(original):
