@@ -100,7 +100,7 @@ def cross_entropy(logits: DTensor, target) -> DTensor:
                          f"Received: placements={getattr(logits, 'placements', None)}; use torch's "
                          "cross_entropy for other layouts.")
     mesh = logits.device_mesh
-    out_placements = tuple(Replicate() if i == axis else p for i, p in enumerate(logits.placements))
+    out_placements = _per_position_placements(logits, axis)
     local_target = _local_target(target, logits, out_placements)
     offsets, _ = local_shard_bounds(tuple(logits.shape), tuple(mesh.shape), tuple(logits.placements),
                                     mesh_coordinate(mesh))
@@ -129,8 +129,8 @@ def mean_over_vocabulary(elementwise, logits: DTensor, target) -> DTensor:
     local_logits = to_local(logits)
     local_target = _local_target(target, logits, placements).to(local_logits.dtype)
     summed = sum_over_groups(elementwise(local_target, local_logits).sum(dim=-1), [mesh.get_group(axis)])
-    out_placements = tuple(Replicate() if i == axis else p for i, p in enumerate(placements))
-    return from_local(summed / logits.shape[-1], mesh, out_placements, tuple(logits.shape[:-1]))
+    return from_local(summed / logits.shape[-1], mesh, _per_position_placements(logits, axis),
+                      tuple(logits.shape[:-1]))
 
 
 def argmax(logits: DTensor, dtype: torch.dtype = torch.int64) -> DTensor:
@@ -167,9 +167,14 @@ def argmax(logits: DTensor, dtype: torch.dtype = torch.int64) -> DTensor:
     every = every.view(ranks, *mine.shape)
     best = every[..., 0].argmax(dim=0, keepdim=True)
     local_out = every[..., 1].gather(0, best).squeeze(0).to(dtype)
-    out_placements = tuple(Replicate() if i == axis else p for i, p in enumerate(logits.placements))
-    return DTensor.from_local(local_out, mesh, out_placements, run_check=False,
+    return DTensor.from_local(local_out, mesh, _per_position_placements(logits, axis), run_check=False,
                               shape=tuple(logits.shape[:-1]), stride=_contiguous_stride(logits.shape[:-1]))
+
+
+def _per_position_placements(logits, axis: int) -> tuple:
+    """The layout of a value per position of ``logits`` (a loss, a predicted index): replicated
+    along the vocabulary's mesh axis ``axis``, split like the logits along the others."""
+    return tuple(Replicate() if i == axis else p for i, p in enumerate(logits.placements))
 
 
 def _local_target(target, logits, placements):
