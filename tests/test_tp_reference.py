@@ -23,6 +23,22 @@ def test_reference_step_equals_stock_keras_on_the_same_weights(family, ranks):
         assert max_rel_diff(r["reference"], r["stock"]) <= 1e-5, r
 
 
+@pytest.mark.parametrize("family", ["mlp", "transformer"])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_keras_with_megatrons_collectives_equals_stock_keras_and_issues_the_references_collectives(family, ranks):
+    """`bench.tools.keras_megatron` (the speed tool's Keras floor with collectives): stock Keras
+    layers on each rank's blocks, f and g put in by hand, train as the whole model does, and a step
+    issues exactly the hand-written step's collectives."""
+    rows = ok_values(launch.run(_tp_reference_world.keras_megatron_matches_stock_keras, ranks, family, 1 << 20, 3,
+                                timeout=240))
+    for r in rows:
+        assert r["stock"][-1] != r["stock"][0]
+        assert max_rel_diff(r["megatron"], r["stock"]) <= 1e-5, r
+        assert r["collectives"] == r["reference_collectives"], r
+        assert r["split"] == (ranks > 1)
+    assert rows[0]["collectives"] > 0 if ranks > 1 else rows[0]["collectives"] == 0
+
+
 def test_reference_refuses_a_split_the_ranks_do_not_divide():
     from bench.tools import tp_reference
 
@@ -48,9 +64,9 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
 
     out = tmp_path / "speed.json"
     assert speed.main(["--families", "mlp", "--size-mib", "0.25", "--repeats", "1", "--steps", "2",
-                       "--fit-batches", "1", "--floor", "--paired", "--json", str(out)]) == 0
+                       "--fit-batches", "1", "--floor", "--paired", "--keras-megatron", "--json", str(out)]) == 0
     runs = json.loads(out.read_text())["mlp"]
-    assert set(runs) == {"stock", "sharded", "reference", speed.FLOOR, speed.PAIRED}
+    assert set(runs) == {"stock", "sharded", "reference", speed.FLOOR, speed.PAIRED, speed.MEGATRON}
     paired = runs.pop(speed.PAIRED)[0]  # both steps timed in the same ranks, in turns
     for key in ("sharded_seconds", "reference_seconds", "sharded_cpu_seconds", "reference_cpu_seconds"):
         assert len(paired[key]) == 2 and all(v > 0 for v in paired[key]), key
@@ -67,6 +83,10 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
     assert f"CPU ms per step, {speed.FLOOR}" in printed  # the floor, against the reference too
     assert "paired (same ranks, alternating steps)" in printed and "median of per-step ratios per round" in printed
     assert runs[speed.FLOOR][0]["ops"]["collectives"] == 0 == runs[speed.FLOOR][0]["ops"]["dtensor_dispatches"]
+    # Keras with f and g by hand: the reference's communication, no DTensor
+    assert runs[speed.MEGATRON][0]["ops"]["collectives"] == runs["reference"][0]["ops"]["collectives"]
+    assert runs[speed.MEGATRON][0]["ops"]["dtensor_dispatches"] == 0
+    assert f"{speed.MEGATRON}" in printed and f"CPU ms per step, {speed.MEGATRON}" in printed
 
 
 def test_step_phases_times_every_phase_of_each_variant_and_skips_only_the_collectives(capsys):

@@ -38,10 +38,12 @@ def ordinary_malloc() -> None:
     keep_freed_heap(64 * MiB)
 
 
-def keras_step(family: str, size: int, sharded: bool, all_column: bool = False, one_rank_of: int | None = None):
+def keras_step(family: str, size: int, sharded: bool, all_column: bool = False, one_rank_of: int | None = None,
+               megatron: bool = False):
     """(model, x, y) of one Keras variant, compiled as every run of this tool compiles it: stock
-    (one process), sharded (this rank of N: shardimpl installed, the family's LayoutMap set), or
-    with ``one_rank_of`` = N, stock Keras on one rank's shapes (`bench.harness.rank_local`)."""
+    (one process), sharded (this rank of N: shardimpl installed, the family's LayoutMap set),
+    with ``one_rank_of`` = N, stock Keras on one rank's shapes (`bench.harness.rank_local`), or with
+    ``megatron``, those shapes with the hand-written step's collectives (`bench.tools.keras_megatron`)."""
     import keras
     import numpy as np
 
@@ -57,6 +59,13 @@ def keras_step(family: str, size: int, sharded: bool, all_column: bool = False, 
         lm = _all_column_mlp_map(mesh) if all_column and family == "mlp" else layout_map(family, mesh, size)
         keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=lm, **kwargs))
     keras.utils.set_random_seed(1)
+    if megatron:
+        from bench.tools.keras_megatron import megatron_loss, megatron_model
+
+        model, batch = megatron_model(family, size), sample_batch(family, size)
+        model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9), loss=megatron_loss(family))
+        x = batch.numpy()
+        return model, x, np.zeros(model.compute_output_shape(x.shape), "float32")
     if one_rank_of:
         model, batch = rank_local_model(family, size, one_rank_of), rank_local_batch(family, size, one_rank_of)
     else:

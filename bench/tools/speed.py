@@ -19,6 +19,9 @@ processes' load moves far less than wall time on a shared machine); ``--json`` w
 ``--floor`` adds stock Keras on one rank's shapes in each of the N ranks, without any
 communication (`bench.harness.rank_local`): of the gap between shardimpl and the reference, the
 part above this floor is the collectives' and shardimpl's, the part below it stock Keras' own.
+``--keras-megatron`` adds that floor with the reference's collectives put in by hand (Megatron's f
+and g as a user writes them in Keras: `bench.tools.keras_megatron`): the closest any Keras step
+can come to the reference, since it is Keras' own layers and trainer plus the same communication.
 ``--paired`` adds a run per round in which each rank times shardimpl's step and the reference's
 alternately, step by step (`bench.tools.paired`): the median of per-step ratios, which the
 machine's drift between launches does not move.
@@ -39,7 +42,7 @@ from bench.tools.keras_variants import MiB, WARMUP, keras_step, ordinary_malloc 
 
 
 def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int,
-             all_column: bool = False, one_rank_of: int | None = None) -> dict:
+             all_column: bool = False, one_rank_of: int | None = None, megatron: bool = False) -> dict:
     """One Keras variant's samples (`keras_step`'s variants)."""
     import numpy as np
 
@@ -47,7 +50,7 @@ def run_once(family: str, size: int, sharded: bool, steps: int, fit_batches: int
     from bench.tools.op_count import count_ops
 
     ordinary_malloc()
-    model, x, y = keras_step(family, size, sharded, all_column, one_rank_of)
+    model, x, y = keras_step(family, size, sharded, all_column, one_rank_of, megatron)
     for _ in range(WARMUP):
         model.train_on_batch(x, y)
     times, cpus = _timed(lambda: model.train_on_batch(x, y), steps)
@@ -108,13 +111,14 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
 
 
 FLOOR = "stock, one rank's shapes"  # the --floor variant's label
+MEGATRON = "Keras + f/g by hand"  # the --keras-megatron variant's label: `bench.tools.keras_megatron`
 
 
 PAIRED = "paired"  # the --paired run's label: `bench.tools.paired`
 
 
 def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False, reference=True,
-            floor=False, paired=False) -> dict:
+            floor=False, paired=False, megatron=False) -> dict:
     """Every variant of every family once per round, rounds repeated: {family: {label: [sample]}};
     each sample also holds the machine's load average (1 min) when its run started."""
     from shardimpl import launch
@@ -124,6 +128,8 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
         variants.append(("reference", ranks, None, False))
     if floor:
         variants.append((FLOOR, ranks, False, False))
+    if megatron:
+        variants.append((MEGATRON, ranks, False, False))
     if all_column:
         variants.append(("sharded, all-column mlp", ranks, True, True))
     if paired:
@@ -132,7 +138,7 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
 
     def applies(family, label):  # the all-column map is the mlp's; references and floors exist for some families
         return ((family == "mlp" or "all-column" not in label)
-                and (label not in ("reference", FLOOR, PAIRED) or family in REFERENCE_FAMILIES))
+                and (label not in ("reference", FLOOR, PAIRED, MEGATRON) or family in REFERENCE_FAMILIES))
 
     samples = {f: {label: [] for label, *_ in variants if applies(f, label)} for f in families}
     for _ in range(repeats):
@@ -149,7 +155,7 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
                     rows = launch.run(run_reference, n, family, size, steps, fit_batches, timeout=900)
                 else:
                     rows = launch.run(run_once, n, family, size, sharded, steps, fit_batches, columns,
-                                      n if label == FLOOR else None, timeout=900)
+                                      n if label == FLOOR else None, label == MEGATRON, timeout=900)
                 if rows[0].status != "ok":
                     raise SystemExit(f"{family} {label}: {rows[0].status}: {(rows[0].error or '').strip()[-500:]}")
                 samples[family][label].append({**rows[0].value, "load": load})
@@ -230,6 +236,9 @@ def main(argv=None) -> int:
     p.add_argument("--floor", action="store_true",
                    help="also time stock Keras on one rank's shapes in each of the N ranks, no communication "
                         "(bench.harness.rank_local): what of the gap to the reference is Keras' own")
+    p.add_argument("--keras-megatron", action="store_true",
+                   help="also time stock Keras layers on one rank's shapes with the reference's collectives put in by "
+                        "hand (bench.tools.keras_megatron): the closest a Keras step can come to the reference")
     p.add_argument("--paired", action="store_true",
                    help="also time shardimpl and the reference in the same ranks, alternating step by step "
                         "(bench.tools.paired): per-step ratios that the machine's drift between runs does not move")
@@ -238,7 +247,7 @@ def main(argv=None) -> int:
     families = [f for f in args.families.split(",") if f]
     samples = measure(families, int(args.size_mib * MiB), args.ranks, args.repeats, args.steps, args.fit_batches,
                       args.all_column, reference=not args.no_reference, floor=args.floor,
-                      paired=args.paired and not args.no_reference)
+                      paired=args.paired and not args.no_reference, megatron=args.keras_megatron)
     print(f"min / median over {args.repeats} interleaved repeats, N={args.ranks}, {args.size_mib:g} MiB, "
           f"load average (1 min) at the runs' starts in brackets")
     print("\n".join(summary(samples)))

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["REFERENCE_FAMILIES", "ReferenceMLP", "ReferenceTransformer", "build_reference", "reference_step", "load_keras_weights",
-           "make_optimizer"]
+           "make_optimizer", "megatron_f", "megatron_g"]
 
 
 REFERENCE_FAMILIES = ("mlp", "transformer")  # the families with a hand-written step (keras-hub's: none)
@@ -74,6 +74,16 @@ class _Reduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+def megatron_f(x: torch.Tensor) -> torch.Tensor:
+    """Megatron's f on ``x`` (identity forward, all-reduced gradient): before a column-split layer."""
+    return _Copy.apply(x)
+
+
+def megatron_g(x: torch.Tensor) -> torch.Tensor:
+    """Megatron's g on ``x`` (partial sums all-reduced, identity backward): after a row-split layer."""
+    return _Reduce.apply(x)
 
 
 def _block(full: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
