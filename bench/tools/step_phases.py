@@ -5,8 +5,9 @@
 `python -m bench speed` says how much slower shardimpl's step is than the hand-written one;
 this says in which part of the step. Each repeat launches, on N ranks, shardimpl's step (the
 family's LayoutMap), stock Keras on one rank's shapes with no collective (`speed --floor`'s
-variant) and the hand-written tensor-parallel step (`bench.tools.tp_reference`), one after
-the other. Rank 0 times every step with timers on its phases, in main-thread CPU
+variant), that floor with the hand-written step's collectives put in by hand
+(`bench.tools.keras_megatron`: Keras' own cost with the same communication) and the hand-written
+tensor-parallel step (`bench.tools.tp_reference`), one after the other. Rank 0 times every step with timers on its phases, in main-thread CPU
 (`time.thread_time`): for Keras, the model's call (forward), ``_compute_loss``, ``backward``,
 ``optimizer.apply``, ``compute_metrics`` and the rest of ``train_on_batch``; for the
 hand-written step, its forward, ``backward``, ``optimizer.step`` and the rest (its loss is in
@@ -45,6 +46,7 @@ from bench.tools.keras_variants import MiB, WARMUP  # noqa: E402
 __all__ = ["run_keras", "run_reference", "thread_cpu", "main"]
 
 SHARDED, SKIPPED, FLOOR, REFERENCE = "shardimpl", "collectives skipped", "stock, one rank's shapes", "hand-written"
+MEGATRON = "Keras + f/g by hand"  # the floor with the hand-written step's collectives: `bench.tools.keras_megatron`
 REFERENCE_SKIPPED = "hand-written, skipped"  # the hand-written step, its all_reduce calls made but not issued
 KERAS_PHASES = ("forward", "loss", "backward", "optimizer", "metrics", "rest")
 REFERENCE_PHASES = ("forward", "backward", "optimizer", "rest")
@@ -155,6 +157,8 @@ def run_keras(family: str, size: int, variant: str, steps: int) -> dict:
     ordinary_malloc()
     if variant == FLOOR:
         model, x, y = keras_step(family, size, False, one_rank_of=dist.get_world_size())
+    elif variant == MEGATRON:
+        model, x, y = keras_step(family, size, False, megatron=True)
     else:
         model, x, y = keras_step(family, size, True)
     for _ in range(WARMUP):
@@ -204,7 +208,8 @@ def measure(family: str, size: int, ranks: int, steps: int, repeats: int, skip: 
     """{variant: [rank 0's result per repeat]}, variants launched in turn within each repeat."""
     from shardimpl import launch
 
-    variants = [SHARDED] + ([SKIPPED] if skip else []) + [FLOOR, REFERENCE] + ([REFERENCE_SKIPPED] if skip else [])
+    variants = ([SHARDED] + ([SKIPPED] if skip else []) + [FLOOR, MEGATRON, REFERENCE]
+                + ([REFERENCE_SKIPPED] if skip else []))
     out = {v: [] for v in variants}
     for _ in range(repeats):
         for variant in variants:
