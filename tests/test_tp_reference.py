@@ -68,7 +68,8 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
     runs = json.loads(out.read_text())["mlp"]
     assert set(runs) == {"stock", "sharded", "reference", speed.FLOOR, speed.PAIRED, speed.MEGATRON}
     paired = runs.pop(speed.PAIRED)[0]  # both steps timed in the same ranks, in turns
-    for key in ("sharded_seconds", "reference_seconds", "sharded_cpu_seconds", "reference_cpu_seconds"):
+    for key in ("sharded_seconds", "reference_seconds", "sharded_cpu_seconds", "reference_cpu_seconds",
+                "keras_megatron_seconds", "keras_megatron_cpu_seconds"):  # the third model in the turns
         assert len(paired[key]) == 2 and all(v > 0 for v in paired[key]), key
     for label, samples in runs.items():
         assert samples[0]["step_seconds"] > 0 and samples[0]["ops"]["aten_ops"] > 0 and samples[0]["load"] >= 0
@@ -87,6 +88,8 @@ def test_bench_speed_times_stock_shardimpl_and_the_reference_and_counts_their_op
     assert runs[speed.MEGATRON][0]["ops"]["collectives"] == runs["reference"][0]["ops"]["collectives"]
     assert runs[speed.MEGATRON][0]["ops"]["dtensor_dispatches"] == 0
     assert f"{speed.MEGATRON}" in printed and f"CPU ms per step, {speed.MEGATRON}" in printed
+    assert "sharded / Keras + f/g by hand (shardimpl's own)" in printed
+    assert "Keras + f/g by hand / reference (Keras' own)" in printed
 
 
 def test_step_phases_times_every_phase_of_each_variant_and_skips_only_the_collectives(capsys):

@@ -19,6 +19,12 @@ switch.
 
 Both models live in each rank at once (twice one variant's memory); both use the default
 process group's ranks (the Keras model through its mesh), never at the same time.
+
+With ``megatron`` (`python -m bench speed --paired --keras-megatron`) a third model joins the
+turns: stock Keras layers on the rank's blocks with the reference's f and g put in by hand
+(`bench.tools.keras_megatron`), built before the distribution is set and stepped with none set.
+Then sharded / Keras-by-hand is shardimpl's own cost, and Keras-by-hand / reference Keras' own,
+each from neighbouring steps.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ def _timed_once(step) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_paired(family: str, size: int, steps: int) -> dict:
+def run_paired(family: str, size: int, steps: int, megatron: bool = False) -> dict:
     """In each rank: ``steps`` timed steps of each, alternating, each after an untimed one of its
     own (module docstring), after `WARMUP` steps of each. Returns every timed step's wall and CPU
     seconds, per variant, in pair order."""
@@ -47,18 +53,24 @@ def run_paired(family: str, size: int, steps: int) -> dict:
     from bench.tools.keras_variants import WARMUP, keras_step, ordinary_malloc
 
     ordinary_malloc()
+    by_hand = keras_step(family, size, False, megatron=True) if megatron else None  # before the distribution
     model, x, y = keras_step(family, size, sharded=True)
     reference = tp_reference.build_reference(family, size)
     optimizer = tp_reference.make_optimizer(reference)
     batch = sample_batch(family, size)
     variants = {"sharded": lambda: model.train_on_batch(x, y),
                 "reference": lambda: tp_reference.reference_step(reference, optimizer, batch)}
+    if by_hand is not None:
+        variants[MEGATRON_KEY] = lambda: _without_distribution(by_hand)
     for _ in range(WARMUP):
         for step in variants.values():
             step()
     out = {f"{label}_{kind}": [] for label in variants for kind in ("seconds", "cpu_seconds")}
+    labels = list(variants)
     for i in range(steps):
-        order = ("sharded", "reference") if i % 2 == 0 else ("reference", "sharded")
+        order = labels[i % len(labels):] + labels[:i % len(labels)]  # each model first in turn,
+        if (i // len(labels)) % 2:  # and the order reversed every other cycle
+            order.reverse()
         for label in order:
             variants[label]()  # untimed: the timed step then follows its own model's (module docstring)
             wall, cpu = _timed_once(variants[label])
@@ -67,9 +79,25 @@ def run_paired(family: str, size: int, steps: int) -> dict:
     return out
 
 
-def _pair_ratio(sample, kind: str) -> float:
-    """Median over the run's pairs of sharded / reference (``kind``: "seconds" or "cpu_seconds")."""
-    return statistics.median(a / b for a, b in zip(sample[f"sharded_{kind}"], sample[f"reference_{kind}"]))
+MEGATRON_KEY = "keras_megatron"
+
+
+def _without_distribution(model_x_y):
+    """One train step of a stock Keras model while the rank's sharded model's distribution is unset."""
+    import keras
+
+    model, x, y = model_x_y
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        model.train_on_batch(x, y)
+    finally:
+        keras.distribution.set_distribution(distribution)
+
+
+def _pair_ratio(sample, kind: str, a: str = "sharded", b: str = "reference") -> float:
+    """Median over the run's pairs of a / b (``kind``: "seconds" or "cpu_seconds")."""
+    return statistics.median(x / y for x, y in zip(sample[f"{a}_{kind}"], sample[f"{b}_{kind}"]))
 
 
 def paired_lines(samples) -> list[str]:
@@ -78,7 +106,16 @@ def paired_lines(samples) -> list[str]:
     cpus = [_pair_ratio(s, "cpu_seconds") for s in samples]
     sharded = statistics.median(statistics.median(s["sharded_seconds"]) for s in samples)
     reference = statistics.median(statistics.median(s["reference_seconds"]) for s in samples)
-    return [f"{'':12} paired (same ranks, alternating steps): step ms sharded {sharded * 1e3:.1f}, reference "
-            f"{reference * 1e3:.1f}; sharded / reference, median of per-step ratios per round "
-            f"{' '.join(f'{r:.2f}' for r in walls)}, median {statistics.median(walls):.2f}; "
-            f"CPU {' '.join(f'{r:.2f}' for r in cpus)}, median {statistics.median(cpus):.2f}"]
+    lines = [f"{'':12} paired (same ranks, alternating steps): step ms sharded {sharded * 1e3:.1f}, reference "
+             f"{reference * 1e3:.1f}; sharded / reference, median of per-step ratios per round "
+             f"{' '.join(f'{r:.2f}' for r in walls)}, median {statistics.median(walls):.2f}; "
+             f"CPU {' '.join(f'{r:.2f}' for r in cpus)}, median {statistics.median(cpus):.2f}"]
+    if all(f"{MEGATRON_KEY}_seconds" in s for s in samples):
+        for a, b, what in (("sharded", MEGATRON_KEY, "shardimpl's own"), (MEGATRON_KEY, "reference", "Keras' own")):
+            walls = [_pair_ratio(s, "seconds", a, b) for s in samples]
+            cpus = [_pair_ratio(s, "cpu_seconds", a, b) for s in samples]
+            names = {MEGATRON_KEY: "Keras + f/g by hand"}
+            lines.append(f"{'':14} {names.get(a, a)} / {names.get(b, b)} ({what}): per round "
+                         f"{' '.join(f'{r:.2f}' for r in walls)}, median {statistics.median(walls):.2f}; "
+                         f"CPU {' '.join(f'{r:.2f}' for r in cpus)}, median {statistics.median(cpus):.2f}")
+    return lines

@@ -150,7 +150,7 @@ def measure(families, size, ranks, repeats, steps, fit_batches, all_column=False
                 if label == PAIRED:
                     from bench.tools.paired import run_paired
 
-                    rows = launch.run(run_paired, n, family, size, steps, timeout=900)
+                    rows = launch.run(run_paired, n, family, size, steps, megatron, timeout=900)
                 elif sharded is None:
                     rows = launch.run(run_reference, n, family, size, steps, fit_batches, timeout=900)
                 else:
