@@ -23,6 +23,8 @@ process group's ranks (the Keras model through its mesh), never at the same time
 With ``megatron`` (`python -m bench speed --paired --keras-megatron`) a third model joins the
 turns: stock Keras layers on the rank's blocks with the reference's f and g put in by hand
 (`bench.tools.keras_megatron`), built before the distribution is set and stepped with none set.
+Which model goes first rotates every turn, and the order runs backwards every other cycle, so
+that each pair of models is timed in both orders equally often.
 Then sharded / Keras-by-hand is shardimpl's own cost, and Keras-by-hand / reference Keras' own,
 each from neighbouring steps.
 """
@@ -68,8 +70,8 @@ def run_paired(family: str, size: int, steps: int, megatron: bool = False) -> di
     out = {f"{label}_{kind}": [] for label in variants for kind in ("seconds", "cpu_seconds")}
     labels = list(variants)
     for i in range(steps):
-        order = labels[i % len(labels):] + labels[:i % len(labels)]  # each model first in turn,
-        if (i // len(labels)) % 2:  # and the order reversed every other cycle
+        order = labels[i % len(labels):] + labels[:i % len(labels)]  # each model first in turn
+        if len(labels) > 2 and (i // len(labels)) % 2:  # three: every pair in both orders as often
             order.reverse()
         for label in order:
             variants[label]()  # untimed: the timed step then follows its own model's (module docstring)
