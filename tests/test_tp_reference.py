@@ -97,7 +97,7 @@ def test_step_phases_times_every_phase_of_each_variant_and_skips_only_the_collec
 
     assert sp.main(["--size-mib", "0.25", "--steps", "3", "--repeats", "1", "--skip-collectives"]) == 0
     results = sp.measure("mlp", 1 << 18, 2, 3, 1, skip=True)
-    keras_variants = (sp.SHARDED, sp.SKIPPED, sp.FLOOR)
+    keras_variants = (sp.SHARDED, sp.SKIPPED, sp.FLOOR, sp.MEGATRON)
     for variant in keras_variants + (sp.REFERENCE, sp.REFERENCE_SKIPPED):
         phases = results[variant][0]["phases"]
         timed = ("forward", "backward", "optimizer") + (("loss", "metrics") if variant in keras_variants else ())
@@ -108,6 +108,7 @@ def test_step_phases_times_every_phase_of_each_variant_and_skips_only_the_collec
     # the mlp: two row-parallel outputs forward, one input gradient backward, in both tensor-parallel steps;
     # the diagnostics make the very same calls without communicating, the floor none
     assert calls[sp.SHARDED] == calls[sp.SKIPPED] == calls[sp.REFERENCE] == calls[sp.REFERENCE_SKIPPED] == 3
+    assert calls[sp.MEGATRON] == 3  # Keras with f and g by hand: the same calls
     assert calls[sp.FLOOR] == 0
     printed = capsys.readouterr().out
     assert "main-thread CPU, ms" in printed and "all_reduce calls per step" in printed
