@@ -6,7 +6,8 @@ shardimpl itself costs, and what Keras costs over plain torch (its layers' ``__c
 Functional graph, ``compute_loss``, metrics, the trainer and optimizer). `megatron_model` measures
 the second alone: on each of N ranks, the stock Keras model of that rank's blocks
 (`bench.harness.rank_local`) with exactly the reference's collectives put in by hand, as a user
-would write Megatron in Keras: f before each column-split layer, g after each row-split one,
+would write Megatron in Keras: f before each column-split layer that reads a computed
+activation, g after each row-split one,
 the vocabulary-split embedding's masked lookup and g, and the reference's loss (mean squared
 logits, summed over the ranks for the report). No DTensor, no shardimpl. A sharded step can come
 no closer to the reference than this step does without cutting Keras' own work.
@@ -17,7 +18,9 @@ step against stock Keras (`tests/test_tp_reference.py`).
 
 from __future__ import annotations
 
-__all__ = ["megatron_model", "megatron_loss", "load_blocks"]
+__all__ = ["LABEL", "megatron_model", "megatron_loss", "load_blocks"]
+
+LABEL = "Keras + f/g by hand"  # how the speed tools name this variant
 
 
 def _world():
@@ -26,18 +29,29 @@ def _world():
     return _world()
 
 
-def _mlp(param_bytes):
+def _column_dense():
+    """A Dense subclass for a column block (keras imported only when a model is built)."""
     import keras
-    from keras import ops
 
-    from bench.harness.families import BATCH, DEPTH, dims_for
-    from bench.tools.tp_reference import megatron_f, megatron_g
+    from bench.tools.tp_reference import megatron_f
 
     class ColumnDense(keras.layers.Dense):
         """Dense on a column block: its input through f (the input's gradient summed over ranks)."""
 
         def call(self, inputs, training=None):
             return super().call(megatron_f(inputs))
+
+    return ColumnDense
+
+
+def _mlp(param_bytes):
+    import keras
+    from keras import ops
+
+    from bench.harness.families import BATCH, DEPTH, dims_for
+    from bench.tools.tp_reference import megatron_g
+
+    ColumnDense = _column_dense()
 
     class RowDense(keras.layers.Dense):
         """Dense on a row block: the matmul's partial sums through g, then the bias and activation."""
@@ -93,10 +107,6 @@ def _transformer(param_bytes):
             rows = super().call(ids.masked_fill(outside, 0))
             return megatron_g(rows.masked_fill(outside.unsqueeze(-1), 0.0))
 
-    class ColumnHead(keras.layers.Dense):
-        def call(self, inputs, training=None):
-            return super().call(megatron_f(inputs))
-
     dims = _transformer_dims(param_bytes, world)
     vocab = dims_for("transformer", param_bytes)["vocab"]
     tokens = keras.Input((SEQ,), batch_size=BATCH, dtype="int32")
@@ -104,7 +114,7 @@ def _transformer(param_bytes):
     for name in block_names(dims):
         x = MegatronBlock(dims, name=name)(x)
     x = keras.layers.RMSNormalization(epsilon=1e-5, name="final_norm")(x)
-    logits = ColumnHead(vocab // world, use_bias=False, name="lm_head")(x)
+    logits = _column_dense()(vocab // world, use_bias=False, name="lm_head")(x)
     return keras.Model(tokens, logits, name="transformer_megatron")
 
 

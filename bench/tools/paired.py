@@ -26,13 +26,15 @@ turns: stock Keras layers on the rank's blocks with the reference's f and g put 
 Which model goes first rotates every turn, and the order runs backwards every other cycle, so
 that each pair of models is timed in both orders equally often.
 Then sharded / Keras-by-hand is shardimpl's own cost, and Keras-by-hand / reference Keras' own,
-each from neighbouring steps.
+each from steps of the same turn.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+
+from bench.tools import keras_megatron
 
 __all__ = ["run_paired", "paired_lines"]
 
@@ -116,7 +118,7 @@ def paired_lines(samples) -> list[str]:
         for a, b, what in (("sharded", MEGATRON_KEY, "shardimpl's own"), (MEGATRON_KEY, "reference", "Keras' own")):
             walls = [_pair_ratio(s, "seconds", a, b) for s in samples]
             cpus = [_pair_ratio(s, "cpu_seconds", a, b) for s in samples]
-            names = {MEGATRON_KEY: "Keras + f/g by hand"}
+            names = {MEGATRON_KEY: keras_megatron.LABEL}
             lines.append(f"{'':14} {names.get(a, a)} / {names.get(b, b)} ({what}): per round "
                          f"{' '.join(f'{r:.2f}' for r in walls)}, median {statistics.median(walls):.2f}; "
                          f"CPU {' '.join(f'{r:.2f}' for r in cpus)}, median {statistics.median(cpus):.2f}")

@@ -38,6 +38,7 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+from bench.tools import keras_megatron  # noqa: E402
 from bench.tools.keras_variants import MiB, WARMUP, keras_step, ordinary_malloc  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def run_reference(family: str, size: int, steps: int, fit_batches: int) -> dict:
 
 
 FLOOR = "stock, one rank's shapes"  # the --floor variant's label
-MEGATRON = "Keras + f/g by hand"  # the --keras-megatron variant's label: `bench.tools.keras_megatron`
+MEGATRON = keras_megatron.LABEL  # the --keras-megatron variant's label
 
 
 PAIRED = "paired"  # the --paired run's label: `bench.tools.paired`

@@ -7,7 +7,8 @@ this says in which part of the step. Each repeat launches, on N ranks, shardimpl
 family's LayoutMap), stock Keras on one rank's shapes with no collective (`speed --floor`'s
 variant), that floor with the hand-written step's collectives put in by hand
 (`bench.tools.keras_megatron`: Keras' own cost with the same communication) and the hand-written
-tensor-parallel step (`bench.tools.tp_reference`), one after the other. Rank 0 times every step with timers on its phases, in main-thread CPU
+tensor-parallel step (`bench.tools.tp_reference`), one after the other. Rank 0 times every step
+with timers on its phases, in main-thread CPU
 (`time.thread_time`): for Keras, the model's call (forward), ``_compute_loss``, ``backward``,
 ``optimizer.apply``, ``compute_metrics`` and the rest of ``train_on_batch``; for the
 hand-written step, its forward, ``backward``, ``optimizer.step`` and the rest (its loss is in
@@ -41,12 +42,13 @@ from collections import defaultdict
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+from bench.tools import keras_megatron  # noqa: E402
 from bench.tools.keras_variants import MiB, WARMUP  # noqa: E402
 
 __all__ = ["run_keras", "run_reference", "thread_cpu", "main"]
 
 SHARDED, SKIPPED, FLOOR, REFERENCE = "shardimpl", "collectives skipped", "stock, one rank's shapes", "hand-written"
-MEGATRON = "Keras + f/g by hand"  # the floor with the hand-written step's collectives: `bench.tools.keras_megatron`
+MEGATRON = keras_megatron.LABEL  # the floor with the hand-written step's collectives
 REFERENCE_SKIPPED = "hand-written, skipped"  # the hand-written step, its all_reduce calls made but not issued
 KERAS_PHASES = ("forward", "loss", "backward", "optimizer", "metrics", "rest")
 REFERENCE_PHASES = ("forward", "backward", "optimizer", "rest")
